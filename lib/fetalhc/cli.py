@@ -1,0 +1,213 @@
+"""`fetalhc` command line: measure, train, evaluate, split, export-coco."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def _measure(args) -> int:
+    import cv2
+
+    from .evaluate import SUBMISSION_HEADER, submission_row
+    from .io import InputError, load_image, read_pixel_csv
+    from .overlay import render
+    from .pipeline import Measurer
+
+    measurer = Measurer(args.model, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pixel_csv = read_pixel_csv(args.pixel_csv) if args.pixel_csv else None
+    rows, failures, results = [], 0, []
+    print(f"model {measurer.version}  ({measurer.meta.get('config', {}).get('name', '?')})", file=sys.stderr)
+    print(f"{'file':28s} {'HC mm':>8s} {'GA':>8s} {'score':>6s}  {'QC':28s} spacing source")
+    for f in args.files:
+        name = Path(f).name
+        try:
+            img = load_image(f, pixel_size=args.pixel_size, pixel_csv=pixel_csv, frame=args.frame)
+            if img.spacing is None and not args.pixels_only:
+                why = "; ".join(img.meta.get("warnings", [])) or "the file carries no calibration"
+                raise InputError(f"{f}: no pixel spacing ({why}). Give --pixel-size MM or --pixel-csv CSV; "
+                                 "--pixels-only measures in pixels instead.")
+            m = measurer.measure(img.pixels, img.spacing, spacing_at=img.spacing_at,
+                                 score_threshold=args.score_threshold, ga_weeks=args.ga_weeks)
+        except InputError as exc:
+            failures += 1
+            print(f"{name:28s} ERROR: {exc}")
+            continue
+        hc = f"{m.hc_mm:8.1f}" if m.hc_mm is not None else (f"{m.hc_px:6.0f}px" if m.hc_px else "       -")
+        src = m.spacing.source if m.spacing else "none"
+        print(f"{name:28s} {hc} {m.ga.text if m.ga.valid else '-':>8s} {m.score:6.2f}  {m.qc_text[:28]:28s} {src}")
+        rows.append(submission_row(name, m.ellipse_mm))
+        results.append({"file": str(f), **m.to_dict()})
+        if not args.no_overlay:
+            cv2.imwrite(str(out / f"{Path(f).stem}_overlay.png"), render(img.pixels, m, name))
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(SUBMISSION_HEADER)
+        w.writerows(rows)
+    (out / "measurements.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'predictions.csv'}, {out / 'measurements.json'}"
+          + ("" if args.no_overlay else f" and {len(results)} overlay PNGs"), file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _train(args) -> int:
+    import torch
+
+    from .data import hc18_samples, split_samples
+    from .train import TrainConfig, fit
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    samples = hc18_samples(args.hc18)
+    train, val = split_samples(samples, args.val_fraction, args.seed)
+    if args.limit:
+        train, val = train[:args.limit], val[:max(1, args.limit // 4)]
+    print(f"{len(train)} training / {len(val)} validation images "
+          f"({len({s.group for s in val})} held-out exams)", file=sys.stderr)
+    cfg = TrainConfig(out_dir=args.out, model=args.config, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, mask_loss_weight=args.mask_loss_weight, input_size=args.input_size,
+                      init=args.init, resume=args.resume, pretrained_backbone=args.pretrained_backbone,
+                      augment=not args.no_augment, device=args.device, workers=args.workers, seed=args.seed,
+                      half_best=args.half,
+                      data_summary={"source": f"HC18 {Path(args.hc18).name}", "val_fraction": args.val_fraction,
+                                    "split_seed": args.seed, "val_exams": sorted({s.group for s in val}),
+                                    "license": "HC18 CC BY 4.0, doi:10.5281/zenodo.1322001"})
+    result = fit(cfg, train, val)
+    print(f"best validation ADF {result['best_metric']} mm -> {result['best_path']}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from . import hc18
+    from .evaluate import evaluate_submission, format_summary
+
+    names = None
+    if args.subset != "all":
+        tr, va = hc18.exam_split([r.name for r in hc18.read_records(args.hc18)], args.val_fraction, args.seed)
+        names = va if args.subset == "val" else tr
+    rows, summary = evaluate_submission(args.predictions, args.hc18, names)
+    print(format_summary(summary))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _split(args) -> int:
+    from . import hc18
+
+    names = [r.name for r in hc18.read_records(args.hc18)]
+    tr, va = hc18.exam_split(names, args.val_fraction, args.seed)
+    print(f"{len(tr)} training images, {len(va)} validation images "
+          f"({len({hc18.exam_of(n) for n in va})} of {len({hc18.exam_of(n) for n in names})} exams)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"seed": args.seed, "val_fraction": args.val_fraction,
+                                              "train": tr, "val": va}, indent=1))
+    return 0
+
+
+def _export_coco(args) -> int:
+    from . import hc18
+
+    recs = [r for r in hc18.read_records(args.hc18) if r.annotation is not None]
+    if args.subset != "all":
+        tr, va = hc18.exam_split([r.name for r in recs], args.val_fraction, args.seed)
+        keep = set(va if args.subset == "val" else tr)
+        recs = [r for r in recs if r.name in keep]
+    coco = hc18.export_coco(recs, args.out)
+    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fetalhc", description="Fetal head circumference from 2-D ultrasound.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("measure", help="measure HC on images (PNG/JPG, DICOM, NIfTI, NRRD)")
+    m.add_argument("files", nargs="+")
+    sp = m.add_mutually_exclusive_group()
+    sp.add_argument("--pixel-size", type=float, help="pixel size in mm (isotropic) for files without calibration")
+    sp.add_argument("--pixel-csv", help="HC18-style CSV: filename, pixel size(mm)")
+    m.add_argument("--pixels-only", action="store_true", help="measure in pixels when no spacing is known")
+    m.add_argument("--model", help="checkpoint (default: the shipped model, or $FETALHC_MODEL)")
+    m.add_argument("--out", default="fetalhc-out", help="folder for overlays, predictions.csv, measurements.json")
+    m.add_argument("--frame", type=int, default=0, help="frame of a multi-frame DICOM (default 0)")
+    m.add_argument("--ga-weeks", type=float, help="known GA in weeks: adds the INTERGROWTH-21st HC centile")
+    m.add_argument("--score-threshold", type=float, default=0.5, help="below this the QC flags a low score")
+    m.add_argument("--no-overlay", action="store_true")
+    m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    m.set_defaults(func=_measure)
+
+    def split_args(q):
+        q.add_argument("--val-fraction", type=float, default=0.2)
+        q.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train Mask R-CNN on labelled HC18 data (exam-grouped validation)")
+    t.add_argument("--hc18", required=True, help="HC18 folder with training_set/ and its CSV")
+    t.add_argument("--out", required=True, help="run folder: best.pt, last.pt, history.csv")
+    t.add_argument("--config", default="mobilenet_v3_fpn", help="mobilenet_v3_fpn | resnet50_fpn | resnet101_fpn")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--mask-loss-weight", type=float, default=1.0)
+    t.add_argument("--input-size", type=int, help="long side in px (default: the config's)")
+    t.add_argument("--init", help="checkpoint to fine-tune from")
+    t.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
+    t.add_argument("--pretrained-backbone", action="store_true", help="ImageNet weights from the local torch cache")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--half", action="store_true", help="store best.pt in float16")
+    t.add_argument("--limit", type=int, help="use only the first N training images (smoke runs)")
+    t.add_argument("--device")
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--threads", type=int, help="CPU threads for torch")
+    split_args(t)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="score an HC18 submission CSV: ADF, DF, Dice, Hausdorff")
+    e.add_argument("predictions")
+    e.add_argument("hc18")
+    e.add_argument("--subset", choices=["all", "val", "train"], default="all",
+                   help="restrict to one side of the exam-grouped split (default: every predicted image)")
+    e.add_argument("--out", help="per-image CSV (and a .json summary beside it)")
+    split_args(e)
+    e.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("split", help="exam-grouped train/validation split of HC18")
+    s.add_argument("hc18")
+    s.add_argument("--out", help="JSON file with the two name lists")
+    split_args(s)
+    s.set_defaults(func=_split)
+
+    c = sub.add_parser("export-coco", help="COCO instance-segmentation JSON of HC18 ground truth")
+    c.add_argument("hc18")
+    c.add_argument("out")
+    c.add_argument("--subset", choices=["all", "val", "train"], default="all")
+    split_args(c)
+    c.set_defaults(func=_export_coco)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .io import InputError
+    from .model import CheckpointError
+
+    try:
+        return args.func(args)
+    except (InputError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"fetalhc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Mask R-CNN models (torchvision) built from named configs, and their checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet50, resnet101
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+CHECKPOINT_FORMAT = "fetalhc-maskrcnn/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, or of another model config."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backbone: str  # resnet50 | resnet101 | mobilenet_v3_large
+    input_size: int  # images are scaled so their long side is this many pixels
+    fpn_channels: int = 256
+    anchor_sizes: tuple = ((16,), (32,), (64,), (128,), (256,))
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    box_head_dim: int = 1024
+    mask_head_layers: tuple = (256, 256, 256, 256)
+    mask_roi: int = 14  # RoIAlign size for the mask head; the predicted mask is twice this
+    mask_loss_weight: float = 1.0
+    # One head per image: far fewer proposals/RoIs than COCO defaults keep CPU steps fast.
+    rpn_proposals: tuple = (1000, 500, 500, 100)  # pre/post-NMS train, pre/post-NMS test
+    rois_per_image: int = 128
+    extra: dict = field(default_factory=dict)
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    # The thesis configuration: ResNet50 + FPN with anchors 16..256 at the HC18 resolution.
+    "resnet50_fpn": ModelConfig("resnet50_fpn", "resnet50", input_size=800),
+    "resnet101_fpn": ModelConfig("resnet101_fpn", "resnet101", input_size=800),
+    # CPU-trainable default: heads fill 15-70 % of the frame, so anchors cover 24-288 px at 320 px,
+    # with near-round aspect ratios; 128-channel FPN and light heads keep it near 6 M parameters.
+    "mobilenet_v3_fpn": ModelConfig(
+        "mobilenet_v3_fpn", "mobilenet_v3_large", input_size=320, fpn_channels=128,
+        anchor_sizes=((24, 36), (48, 72), (96, 144), (192, 288)), aspect_ratios=(0.6, 1.0, 1.6),
+        box_head_dim=512, mask_head_layers=(128, 128, 128, 128), mask_roi=14),
+}
+DEFAULT_CONFIG = "mobilenet_v3_fpn"
+
+
+def _norm(num_features: int) -> nn.Module:
+    # Trainable statistics: FrozenBatchNorm2d without pretrained weights would freeze identity stats.
+    return nn.BatchNorm2d(num_features)
+
+
+def _mobilenet_fpn(cfg: ModelConfig, pretrained_backbone: bool) -> BackboneWithFPN:
+    weights = "IMAGENET1K_V1" if pretrained_backbone else None
+    features = mobilenet_v3_large(weights=weights, norm_layer=_norm).features
+    # Outputs at the end of the stride-8, stride-16 and stride-32 stages (blocks flagged _is_cn start a
+    # new, down-sampled stage, so the block before each one ends the previous stage).
+    starts = [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]
+    picks = [starts[-2] - 1, starts[-1] - 1, len(features) - 1]
+    return_layers = {str(idx): str(k) for k, idx in enumerate(picks)}
+    in_channels = [features[i].out_channels for i in picks]
+    return BackboneWithFPN(features, return_layers, in_channels, cfg.fpn_channels,
+                           extra_blocks=LastLevelMaxPool(), norm_layer=None)
+
+
+def _resnet_fpn(cfg: ModelConfig, pretrained_backbone: bool) -> BackboneWithFPN:
+    weights = "IMAGENET1K_V1" if pretrained_backbone else None
+    body = {"resnet50": resnet50, "resnet101": resnet101}[cfg.backbone](weights=weights, norm_layer=_norm)
+    return_layers = {f"layer{k + 1}": str(k) for k in range(4)}
+    return BackboneWithFPN(body, return_layers, [256, 512, 1024, 2048], cfg.fpn_channels,
+                           extra_blocks=LastLevelMaxPool())
+
+
+def build_model(config: str | ModelConfig = DEFAULT_CONFIG, num_classes: int = 2,
+                pretrained_backbone: bool = False) -> MaskRCNN:
+    """Mask R-CNN for one foreground class (fetal head). ``pretrained_backbone`` loads torchvision's
+    ImageNet weights from the local torch cache for users who have them; it is never required."""
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    if cfg.backbone.startswith("resnet"):
+        backbone = _resnet_fpn(cfg, pretrained_backbone)
+        names = ["0", "1", "2", "3"]
+    elif cfg.backbone == "mobilenet_v3_large":
+        backbone = _mobilenet_fpn(cfg, pretrained_backbone)
+        names = ["0", "1", "2"]
+    else:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}")
+    n_levels = len(names) + 1  # + the max-pool level
+    sizes = tuple(cfg.anchor_sizes)
+    if len(sizes) != n_levels:
+        raise ValueError(f"config {cfg.name}: {len(sizes)} anchor levels for {n_levels} feature maps")
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(cfg.aspect_ratios),) * n_levels)
+    c = cfg.fpn_channels
+    model = MaskRCNN(
+        backbone, num_classes=None,
+        min_size=cfg.input_size, max_size=cfg.input_size,
+        # Grey ultrasound replicated to 3 channels; intensity statistics of HC18 images.
+        image_mean=[0.2, 0.2, 0.2], image_std=[0.2, 0.2, 0.2],
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(names, 7, 2),
+        box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_dim),
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(names, cfg.mask_roi, 2),
+        mask_head=MaskRCNNHeads(c, list(cfg.mask_head_layers), 1, norm_layer=None),
+        mask_predictor=MaskRCNNPredictor(cfg.mask_head_layers[-1], cfg.mask_head_layers[-1], num_classes),
+        box_detections_per_img=5,
+        rpn_pre_nms_top_n_train=cfg.rpn_proposals[0], rpn_post_nms_top_n_train=cfg.rpn_proposals[1],
+        rpn_pre_nms_top_n_test=cfg.rpn_proposals[2], rpn_post_nms_top_n_test=cfg.rpn_proposals[3],
+        box_batch_size_per_image=cfg.rois_per_image,
+    )
+    model.fetalhc_config = cfg
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, half: bool = False, **meta) -> Path:
+    """Write atomically (temp file + rename) so a reader never sees a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
+    if half:
+        state = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in state.items())
+    cfg = model.fetalhc_config if hasattr(model, "fetalhc_config") else model.module.fetalhc_config
+    blob = {"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "state_dict": state, **meta}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for truncated/garbage files
+        raise CheckpointError(f"{path} is not a readable model checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a FetalHC checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return blob
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    for k in ("anchor_sizes",):
+        d[k] = tuple(tuple(x) for x in d[k])
+    for k in ("aspect_ratios", "mask_head_layers", "rpn_proposals"):
+        d[k] = tuple(d[k])
+    return ModelConfig(**d)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               expect_config: str | None = None) -> tuple[MaskRCNN, dict]:
+    """Load a checkpoint into a fresh model of the config it carries; returns (model in eval, meta)."""
+    blob = read_checkpoint(path)
+    cfg = config_from_dict(blob["config"])
+    if expect_config and cfg.name != expect_config:
+        raise CheckpointError(f"{path} holds a {cfg.name!r} model, not {expect_config!r}")
+    model = build_model(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match config {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    meta["path"] = str(path)
+    meta["version"] = model_version(path)
+    return model, meta
+
+
+def model_version(path: str | Path) -> str:
+    """Short content hash: identifies exactly which weights produced a measurement."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"{Path(path).stem}-{h.hexdigest()[:10]}"
+
+
+def with_overrides(config: str | ModelConfig, **kw) -> ModelConfig:
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    return replace(cfg, **kw) if kw else cfg

@@ -1,0 +1,106 @@
+"""The `fetalhc` command end to end, as a user runs it (subprocess, real files)."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fetalhc import hc18
+from fetalhc.evaluate import SUBMISSION_HEADER, submission_row
+
+
+def run(*args, cwd=None):
+    p = subprocess.run([sys.executable, "-m", "fetalhc.cli", *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_measure_writes_table_overlay_and_submission_csv(tiny_run, samples_dir, tmp_path):
+    img = samples_dir / "507_HC.png"
+    code, out, err = run("measure", img, "--pixel-csv", samples_dir / "training_set_pixel_size_and_HC.csv",
+                         "--model", tiny_run["best_path"], "--out", tmp_path)
+    assert code == 0, err
+    assert "507_HC.png" in out and "pixel CSV" in out
+    rows = list(csv.reader(open(tmp_path / "predictions.csv")))
+    assert rows[0] == SUBMISSION_HEADER and rows[1][0] == "507_HC.png"
+    assert (tmp_path / "507_HC_overlay.png").stat().st_size > 10_000
+    res = json.loads((tmp_path / "measurements.json").read_text())
+    assert res[0]["spacing_source"].startswith("pixel CSV") and res[0]["model_version"].startswith("best-")
+
+
+def test_measure_refuses_millimetres_without_spacing(tiny_run, samples_dir, tmp_path):
+    code, out, err = run("measure", samples_dir / "011_HC.png", "--model", tiny_run["best_path"], "--out", tmp_path)
+    assert code == 1
+    assert "no pixel spacing" in out and "--pixel-size" in out
+    assert "Traceback" not in out + err
+    code, out, _ = run("measure", samples_dir / "011_HC.png", "--pixels-only", "--model", tiny_run["best_path"],
+                       "--out", tmp_path)
+    assert code == 0 and "spacing" not in out.split("\n")[1].lower().replace("spacing source", "")
+
+
+def test_bad_inputs_give_clear_errors_and_keep_going(tiny_run, samples_dir, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    good = samples_dir / "399_HC.png"
+    code, out, err = run("measure", bad, tmp_path / "missing.png", good, "--pixel-size", "0.14",
+                         "--model", tiny_run["best_path"], "--out", tmp_path / "o")
+    assert code == 1
+    assert "notes.png" in out and "missing.png" in out and "ERROR" in out
+    assert "Traceback" not in out + err
+    assert "399_HC.png" in open(tmp_path / "o" / "predictions.csv").read()  # the good file was measured
+
+
+def test_missing_or_corrupt_model_is_a_clear_error(samples_dir, tmp_path):
+    code, _, err = run("measure", samples_dir / "011_HC.png", "--pixel-size", "0.1", "--model", tmp_path / "no.pt")
+    assert code == 2 and "no model available" in err and "Traceback" not in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 100)
+    code, _, err = run("measure", samples_dir / "011_HC.png", "--pixel-size", "0.1", "--model", junk)
+    assert code == 2 and "not a readable model checkpoint" in err
+
+
+def test_evaluate_scores_a_perfect_submission(samples_dir, tmp_path):
+    pred = tmp_path / "pred.csv"
+    with open(pred, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUBMISSION_HEADER)
+        for r in hc18.read_records(samples_dir):
+            sp = (r.pixel_mm, r.pixel_mm)
+            w.writerow(submission_row(r.name, hc18.gt_ellipse(r).to_mm(sp)))
+    code, out, err = run("evaluate", pred, samples_dir, "--out", tmp_path / "rows.csv")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "rows.json").read_text())
+    assert summary["n"] == 8 and summary["missed"] == 0
+    assert summary["adf_mm"]["mean"] < 1e-3 and summary["dice"]["mean"] > 0.999
+    assert summary["hausdorff_mm"]["worst"] < 0.05
+    assert "ADF (mm)" in out
+
+
+def test_evaluate_counts_a_missing_prediction_as_a_miss(samples_dir, tmp_path):
+    pred = tmp_path / "pred.csv"
+    recs = hc18.read_records(samples_dir)[:2]
+    with open(pred, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUBMISSION_HEADER)
+        w.writerow(submission_row(recs[0].name, hc18.gt_ellipse(recs[0]).to_mm((recs[0].pixel_mm,) * 2)))
+        w.writerow(submission_row(recs[1].name, None))
+    code, out, _ = run("evaluate", pred, samples_dir)
+    assert code == 0 and "1 without a detected head" in out
+
+
+def test_split_and_coco_commands(samples_dir, tmp_path):
+    code, out, _ = run("split", samples_dir, "--val-fraction", "0.25", "--out", tmp_path / "split.json")
+    assert code == 0
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == sorted(r.name for r in hc18.read_records(samples_dir))
+    code, out, _ = run("export-coco", samples_dir, tmp_path / "coco.json")
+    assert code == 0 and "8 images, 8 annotations" in out
+
+
+def test_train_command_smoke(samples_dir, tmp_path):
+    code, out, err = run("train", "--hc18", samples_dir, "--out", tmp_path, "--epochs", "1", "--limit", "2",
+                         "--batch-size", "2", "--input-size", "128", "--no-augment")
+    assert code == 0, err
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "history.csv").exists()
+    assert "best validation ADF" in out

@@ -1,0 +1,76 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fetalhc.data import hc18_samples
+from fetalhc.model import CheckpointError, build_model, count_parameters, load_model, save_checkpoint
+from fetalhc.pipeline import measure_image
+from fetalhc.train import TrainConfig, fit
+
+
+def test_two_epoch_training_lowers_loss_saves_reloads_predicts(tiny_run, samples_dir):
+    hist = tiny_run["history"]
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]
+    model, meta = load_model(tiny_run["best_path"])
+    assert meta["config"]["input_size"] == 160
+    assert meta["data"]["train_images"] == 4 and meta["validation"]["n"] == 2
+    s = hc18_samples(samples_dir)[0]
+    m = measure_image(model, s.image, s.spacing)
+    assert m.mask.shape == s.image.shape and m.mask.dtype == np.uint8
+    assert m.hc_mm is None or math.isfinite(m.hc_mm)
+    assert m.qc_ok or m.qc_reasons
+    assert (tiny_run["last_path"]) and (tiny_run["best_path"])
+
+
+def test_resume_continues_from_last_epoch(tiny_run, samples_dir, tmp_path):
+    import shutil
+    from pathlib import Path
+    run = tmp_path / "run"
+    shutil.copytree(Path(tiny_run["last_path"]).parent, run)
+    samples = hc18_samples(samples_dir)
+    cfg = TrainConfig(out_dir=str(run), epochs=3, batch_size=2, input_size=160, augment=False, resume=True)
+    result = fit(cfg, samples[:4], samples[4:6], show_progress=False)
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    assert (run / "history.csv").read_text().count("\n") == 4
+
+
+def test_fine_tune_from_checkpoint_keeps_its_config(tiny_run, samples_dir, tmp_path):
+    samples = hc18_samples(samples_dir)
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=1, batch_size=2, init=tiny_run["best_path"], augment=True)
+    result = fit(cfg, samples[:2], [], show_progress=False)
+    _, meta = load_model(result["best_path"])
+    assert meta["config"]["input_size"] == 160  # from the checkpoint, not the config default
+
+
+def test_slim_config_is_small_and_thesis_config_builds():
+    assert 5e6 < count_parameters(build_model("mobilenet_v3_fpn")) < 9e6
+    r50 = build_model("resnet50_fpn")
+    assert r50.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    # Trainable normalisation everywhere: no frozen identity statistics when training from scratch.
+    from torchvision.ops import FrozenBatchNorm2d
+    assert not any(isinstance(mod, FrozenBatchNorm2d) for mod in r50.modules())
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_model(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(CheckpointError, match="not a FetalHC checkpoint"):
+        load_model(other)
+    good = save_checkpoint(tmp_path / "slim.pt", build_model("mobilenet_v3_fpn"), half=True)
+    with pytest.raises(CheckpointError, match="holds a 'mobilenet_v3_fpn' model"):
+        load_model(good, expect_config="resnet50_fpn")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError):
+        load_model(truncated)
+    model, meta = load_model(good)  # half precision loads back as float32
+    assert next(model.parameters()).dtype == torch.float32 and meta["version"].startswith("slim-")

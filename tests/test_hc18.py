@@ -67,3 +67,11 @@ def test_coco_export(samples_dir, tmp_path):
     x, y, w, h = ann["bbox"]
     assert ann["area"] < w * h and ann["area"] > 0.7 * w * h  # an ellipse fills pi/4 of its box
     assert coco["images"][0]["width"] == 800
+
+
+def test_grouped_split_edge_cases():
+    two = ["1_HC.png", "2_HC.png"]
+    assert hc18.exam_split(two, 0.0) == (two, [])  # no validation asked for
+    tr, va = hc18.exam_split(two, 0.2)
+    assert len(tr) == 1 and len(va) == 1  # one exam held out, one left to train on
+    assert hc18.exam_split(["1_HC.png", "1_2HC.png"], 0.5) == (["1_HC.png", "1_2HC.png"], [])

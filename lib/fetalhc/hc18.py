@@ -81,10 +81,11 @@ def gt_mask(rec: Record, shape: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def grouped_split(items: list, group_of, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
-    """Seeded split by group: no group has members on both sides (a lone group stays in training)."""
+    """Seeded split by group: no group has members on both sides. A positive fraction holds out at least
+    one group while another remains for training; a zero fraction holds out nothing."""
     groups = sorted({group_of(x) for x in items})
     random.Random(seed).shuffle(groups)
-    n_val = max(1, round(len(groups) * val_fraction)) if len(groups) > 1 else 0
+    n_val = min(max(1, round(len(groups) * val_fraction)), len(groups) - 1) if val_fraction > 0 else 0
     val_groups = set(groups[:n_val])
     return [x for x in items if group_of(x) not in val_groups], [x for x in items if group_of(x) in val_groups]
 

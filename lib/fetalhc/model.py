@@ -115,7 +115,7 @@ def build_model(config: str | ModelConfig = DEFAULT_CONFIG, num_classes: int = 2
         mask_roi_pool=MultiScaleRoIAlign(names, cfg.mask_roi, 2),
         mask_head=MaskRCNNHeads(c, list(cfg.mask_head_layers), 1, norm_layer=None),
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_layers[-1], cfg.mask_head_layers[-1], num_classes),
-        box_detections_per_img=5,
+        box_detections_per_img=1,  # the pipeline uses the best head only
         rpn_pre_nms_top_n_train=cfg.rpn_proposals[0], rpn_post_nms_top_n_train=cfg.rpn_proposals[1],
         rpn_pre_nms_top_n_test=cfg.rpn_proposals[2], rpn_post_nms_top_n_test=cfg.rpn_proposals[3],
         box_batch_size_per_image=cfg.rois_per_image,

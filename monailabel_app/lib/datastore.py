@@ -1,0 +1,170 @@
+"""Datastores that refuse bad input with a 4xx and never lose a saved label.
+
+``FetalLocalDatastore`` (a folder of PNG/JPG/NIfTI/NRRD/DICOM images): uploads and labels are validated
+with ``fetalhc.io`` before anything is written (readable 2-D image, sane size, label of the image's shape,
+known image id, ids without path separators); label files are written atomically, and so is the datastore
+JSON, which is re-read before every write so that the server and the train/scoring subprocesses do not
+overwrite each other's entries.
+
+``FetalDICOMWebDatastore`` (e.g. Orthanc with Modality US): series are kept as DICOM files, never converted
+to NIfTI (the conversion drops ultrasound-region calibration). Final labels go back to PACS as DICOM SEG
+when dcmqi's ``itkimage2segimage`` is installed; without it they are kept in the local cache only, with a
+clear warning, and used for training from there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from lib.inputs import IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, pixel_size, suffix_of
+from lib.publish import atomic_copy
+
+logger = logging.getLogger(__name__)
+EXTENSIONS = [f"*{s}" for s in IMAGE_SUFFIXES]
+DCMQI = "itkimage2segimage"
+NO_DCMQI = (f"DICOM SEG not written: dcmqi's {DCMQI} is not installed (not on PATH nor in the app's bin/); "
+            "the final label is kept in the MONAI Label cache only and is used for training from there")
+
+
+class FetalLocalDatastore(LocalDatastore):
+    def __init__(self, path, **kw):
+        super().__init__(path, extensions=EXTENSIONS, **kw)
+        self._watch_moves()
+
+    def _watch_moves(self):
+        handler = getattr(self, "_handler", None)
+        if handler is not None:  # the JSON is replaced atomically (a move event), not modified in place
+            handler.on_moved = lambda e: self._on_modify_event(type("E", (), {"src_path": e.dest_path})())
+
+    def reload(self):
+        """Pick up changes written by another process (train / scoring subprocess)."""
+        self._init_from_datastore_file()
+
+    def _update_datastore_file(self, lock=True):
+        """MONAI Label rewrites the JSON in place; a crash mid-write would leave it unreadable."""
+        from filelock import FileLock
+
+        def write():
+            self._ignore_event_config = True
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self._datastore_config_path), suffix=".json.tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+            os.replace(tmp, self._datastore_config_path)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def _require(self, image_id: str):
+        check_id(image_id)
+        self.reload()
+        if image_id not in self._datastore.objects:
+            raise http_error(404, f"unknown image id {image_id!r}: upload the image first")
+
+    def add_image(self, image_id, image_filename, image_info):
+        check_suffix(image_filename)
+        image_id = check_id(image_id or Path(image_filename).name[: -len(suffix_of(image_filename))])
+        load_input(image_filename)  # 4xx unless a readable 2-D image of sane size
+        pixel_size({}, image_info)  # 400 for a pixel_size_mm that is not a number
+        self.reload()
+        if image_id in self._datastore.objects:
+            raise http_error(409, f"image id {image_id!r} already exists; remove it first or choose another id")
+        return super().add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        self._check_label(image_id, label_filename, label_tag)
+        # The file first (atomically: a crash leaves the previous label or none, never half of one), then the
+        # entry; written by hand because LocalDatastore.save_label copies in place.
+        ext = suffix_of(label_filename)
+        atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), image_id + ext))
+        self.reload()
+        obj = self._datastore.objects[image_id]
+        old = obj.labels.get(label_tag)
+        obj.labels[label_tag] = DataModel(info={**(label_info or {}), "ts": int(time.time()), "name": image_id + ext},
+                                          ext=ext)
+        self._update_datastore_file()
+        if old is not None and old.ext != ext:
+            Path(self._datastore.label_path(label_tag), image_id + old.ext).unlink(missing_ok=True)
+        logger.info(f"saved label {label_tag} for {image_id}")
+        return image_id
+
+    def _check_label(self, image_id, label_filename, label_tag):
+        check_id(label_tag, "label tag")
+        self._require(image_id)
+        check_suffix(label_filename, "label")
+        label = load_input(label_filename)
+        image = load_input(self.get_image_uri(image_id))
+        if label.pixels.shape != image.pixels.shape:
+            raise http_error(422, f"label is {label.pixels.shape[0]} x {label.pixels.shape[1]} pixels but image "
+                                  f"{image_id!r} is {image.pixels.shape[0]} x {image.pixels.shape[1]}")
+
+    def remove_image(self, image_id):
+        self._require(image_id)
+        super().remove_image(image_id)
+
+    def update_image_info(self, image_id, info):
+        self._require(image_id)
+        super().update_image_info(image_id, info)
+
+
+class FetalDICOMWebDatastore(FetalLocalDatastore, DICOMWebDatastore):
+    """DICOMweb series as DICOM folders in the local cache; see the module docstring for final labels."""
+
+    def __init__(self, client, search_filter, cache_path=None, fetch_by_frame=False):
+        DICOMWebDatastore.__init__(self, client, search_filter, cache_path, fetch_by_frame, convert_to_nifti=False)
+        self._watch_moves()
+
+    def get_image_uri(self, image_id):
+        check_id(image_id)
+        if image_id not in self._datastore.objects and image_id not in self.list_images():
+            raise http_error(404, f"unknown image id {image_id!r}: no such series matches the DICOMweb search "
+                                  f"filter {self._search_filter}")
+        folder = DICOMWebDatastore.get_image_uri(self, image_id)
+        if image_id not in self._datastore.objects:  # register, so image info (scores, served) can be kept
+            self.reload()
+            info = {"ts": int(time.time()), "name": image_id, **self._dicom_info(image_id)}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=""))
+            self._update_datastore_file()
+        return folder
+
+    def _require(self, image_id):
+        self.get_image_uri(image_id)
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        if label_tag == DefaultLabelTag.FINAL and has_dcmqi():
+            self._check_label(image_id, label_filename, label_tag)
+            return DICOMWebDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        if label_tag == DefaultLabelTag.FINAL:
+            logger.warning(f"{image_id}: {NO_DCMQI}")
+            label_info = {**(label_info or {}), "dicom_seg": NO_DCMQI}
+        return FetalLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+
+    def get_label_uri(self, label_id, label_tag, image_id=""):
+        return LocalDatastore.get_label_uri(self, label_id, label_tag)
+
+    def get_labeled_images(self, label_tag=None, labels=None):
+        local = LocalDatastore.get_labeled_images(self)
+        remote = DICOMWebDatastore.get_labeled_images(self) if has_dcmqi() else []
+        return sorted(set(local) | set(remote))
+
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        return sorted(set(self.list_images()) - set(self.get_labeled_images()))
+
+    def datalist(self, full_path=True):
+        return LocalDatastore.datalist(self, full_path)
+
+
+def has_dcmqi(app_dir: str | None = None) -> bool:
+    return bool(shutil.which(DCMQI)) or bool(app_dir and os.path.exists(os.path.join(app_dir, "bin", DCMQI)))

@@ -1,0 +1,135 @@
+"""FetalHC MONAI Label app: fetal head segmentation + head circumference, thin over the ``fetalhc`` library.
+
+    monailabel start_server --app monailabel_app --studies <folder | http://orthanc:8042/dicom-web> \\
+        --conf models fetal_head
+
+See README.md in this folder for conf options, strategies, DICOMweb and the DICOM SEG note.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from dicomweb_client.session_utils import create_session_from_user_pass
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.task import AsyncTask
+
+from lib.configs.fetal_head import FetalHeadConfig
+from lib.datastore import DCMQI, NO_DCMQI, FetalDICOMWebDatastore, FetalLocalDatastore, has_dcmqi
+from lib.inputs import check_id, http_error, number
+
+logger = logging.getLogger(__name__)
+CONFIGS = {"fetal_head": FetalHeadConfig}
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        conf = dict(conf or {})
+        self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
+        names = [n.strip() for n in conf.get("models", "fetal_head").split(",") if n.strip()]
+        names = list(CONFIGS) if names == ["all"] else names
+        unknown = [n for n in names if n not in CONFIGS]
+        if unknown or not names:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR,
+                                      f"unknown model(s) {unknown} in --conf models; available: {', '.join(CONFIGS)}")
+        self.models = {}
+        for name in names:
+            self.models[name] = CONFIGS[name]()
+            self.models[name].init(name, self.model_dir, conf, None, studies=studies)
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FetalHC",
+                         description="Fetal head circumference from 2-D ultrasound (Mask R-CNN + ellipse fit)",
+                         version="0.1.0")
+
+    # ----------------------------------------------------------------------------------------- datastores
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return FetalLocalDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _init_dicomweb_datastore(self):
+        logger.info(f"DICOMweb datastore {self.studies}, search filter {settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER}")
+        user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        client = DICOMwebClientX(
+            url=self.studies, session=create_session_from_user_pass(user, password) if user and password else None,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX, wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        self._download_dcmqi_tools()
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or "").strip()
+        return FetalDICOMWebDatastore(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache or None,
+                                      settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
+
+    def _download_dcmqi_tools(self):
+        """MONAI Label downloads dcmqi from GitHub here; hospitals often have no internet, so only check."""
+        if not has_dcmqi(self.app_dir):
+            logger.warning(f"{NO_DCMQI}. Install dcmqi ({DCMQI}) to write final labels back to PACS.")
+
+    # -------------------------------------------------------------------------------------------- tasks
+    def init_infers(self):
+        return {k: v for c in self.models.values() for k, v in c.infer().items()}
+
+    def init_trainers(self):
+        return {name: c.trainer() for name, c in self.models.items()}
+
+    def init_strategies(self):
+        strategies = {k: v for c in self.models.values() for k, v in c.strategy().items()}
+        return {**strategies, "random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        return {k: v for c in self.models.values() for k, v in c.scoring_method().items()}
+
+    # --------------------------------------------------------------------------------- request checking
+    def infer(self, request, datastore=None):
+        """Only datastore ids or files MONAI Label itself uploaded/staged; 404 for unknown ids."""
+        image = request.get("image")
+        datastore = datastore or self.datastore()
+        if isinstance(image, str) and not _is_staged_upload(image):
+            check_id(image)
+            if not isinstance(datastore, FetalDICOMWebDatastore) and image not in datastore.list_images():
+                raise http_error(404, f"unknown image id {image!r}")
+            datastore.get_image_uri(image)  # 404 for an unknown DICOMweb series
+            request = {**request, "image_info": datastore.get_image_info(image)}
+        return super().infer(request, datastore)
+
+    def on_save_label(self, image_id, label_id):
+        res = {}
+        info = self.datastore().get_label_info(label_id, DefaultLabelTag.FINAL)
+        if "dicom_seg" in info:
+            res["warning"] = info["dicom_seg"]
+        every = number(self.conf.get("auto_train_every"), "auto_train_every", 0, 1e6, integer=True)
+        if every:
+            res["auto_train"] = self._maybe_auto_train(every)
+        return res
+
+    def _maybe_auto_train(self, every: int) -> str:
+        """Retrain after every N new final labels (conf auto_train_every); one run at a time."""
+        trainer = next(iter(self._trainers.values()), None)
+        since = (trainer.stats().get("start_ts", 0) if trainer else 0) or 0
+        ds = self.datastore()
+        new = sum(ds.get_label_info(i, DefaultLabelTag.FINAL).get("ts", 0) > since for i in ds.get_labeled_images())
+        if new < every:
+            return f"{new}/{every} new final labels since the last training"
+        if AsyncTask.status("train", check_if_running=True)[0]:
+            return "training already running"
+        self.async_training(next(iter(self._trainers)), enqueue=False)
+        return f"started after {new} new final labels"
+
+
+def _is_staged_upload(path: str) -> bool:
+    """Files MONAI Label wrote for this request: uploads (temp dir) and sessions."""
+    if not os.path.isabs(path) or not os.path.exists(path):
+        return False
+    real = Path(path).resolve()
+    roots = [Path(tempfile.gettempdir()).resolve()]
+    if settings.MONAI_LABEL_SESSION_PATH:
+        roots.append(Path(settings.MONAI_LABEL_SESSION_PATH).resolve())
+    roots.append(Path.home().joinpath(".cache", "monailabel", "sessions").resolve())
+    return any(real.is_relative_to(r) for r in roots)

@@ -1,0 +1,71 @@
+"""The shipped default model: a regression guard on the shipped samples (not the accuracy claim,
+which is in models/README.md), and the pipeline's behaviour around spacing."""
+import numpy as np
+import pytest
+
+from fetalhc import hc18
+from fetalhc.dicomgen import write_us_dicom
+from fetalhc.io import Spacing, load_image
+from fetalhc.pipeline import Measurer
+
+
+@pytest.fixture(scope="module")
+def measurer(default_model):
+    return Measurer(default_model, "cpu")
+
+
+def test_default_model_measures_shipped_samples_within_3mm(measurer, samples_dir):
+    errors = {}
+    for r in hc18.read_records(samples_dir):
+        img = load_image(r.image, pixel_csv=samples_dir / hc18.TRAIN_CSV)
+        m = measurer.measure(img.pixels, img.spacing)
+        assert m.hc_mm is not None, (r.name, m.qc_reasons)
+        errors[r.name] = m.hc_mm - r.hc_mm
+    assert max(abs(e) for e in errors.values()) <= 3.0, errors
+
+
+def test_same_picture_same_hc_from_each_dicom_spacing_source(measurer, samples_dir, tmp_path):
+    rec = hc18.read_records(samples_dir)[2]
+    pixels = hc18.read_grey(rec.image)
+    sp = (rec.pixel_mm, rec.pixel_mm)
+    hcs = {}
+    for cal in ("pixel_spacing", "imager_pixel_spacing", "us_region"):
+        img = load_image(write_us_dicom(tmp_path / f"{cal}.dcm", pixels, sp, calibration=cal))
+        m = measurer.measure(img.pixels, img.spacing, spacing_at=img.spacing_at)
+        hcs[cal] = m.hc_mm
+        assert m.spacing.row_mm == pytest.approx(rec.pixel_mm, rel=1e-6)
+    assert max(hcs.values()) - min(hcs.values()) < 1e-6, hcs
+    assert abs(hcs["us_region"] - rec.hc_mm) <= 3.0
+
+
+def test_unknown_spacing_gives_pixels_only_with_reason(measurer, samples_dir):
+    rec = hc18.read_records(samples_dir)[3]
+    m = measurer.measure(hc18.read_grey(rec.image), None)
+    assert m.hc_mm is None and m.ellipse_mm is None and not m.ga.valid
+    assert m.hc_px == pytest.approx(rec.hc_mm / rec.pixel_mm, rel=0.03)
+    assert "pixel spacing unknown" in m.qc_text
+    d = m.to_dict()
+    assert d["hc_mm"] is None and d["spacing_source"] is None and d["ellipse_px"]["a"] > 0
+
+
+def test_anisotropic_spacing_uses_the_mm_fit(measurer, samples_dir):
+    rec = hc18.read_records(samples_dir)[3]
+    px = hc18.read_grey(rec.image)
+    iso = measurer.measure(px, Spacing(rec.pixel_mm, rec.pixel_mm, "test"))
+    aniso = measurer.measure(px, Spacing(rec.pixel_mm * 1.5, rec.pixel_mm, "test"))
+    assert aniso.ellipse_mm.perimeter == pytest.approx(aniso.ellipse_px.to_mm((rec.pixel_mm * 1.5, rec.pixel_mm)).perimeter, rel=5e-3)
+    assert aniso.hc_mm > iso.hc_mm * 1.1
+
+
+def test_blank_image_finds_no_head_and_implausible_spacing_is_flagged(measurer, samples_dir):
+    m = measurer.measure(np.zeros((540, 800), np.uint8), Spacing(0.1, 0.1, "test"))
+    assert m.hc_mm is None and "no head found" in m.qc_text and m.mask.sum() == 0
+    rec = hc18.read_records(samples_dir)[3]
+    m = measurer.measure(hc18.read_grey(rec.image), Spacing(2.0, 2.0, "wrong calibration"))
+    assert not m.qc_ok and any("implausible HC" in r for r in m.qc_reasons)
+
+
+def test_known_ga_adds_centile(measurer, samples_dir):
+    rec = hc18.read_records(samples_dir)[2]
+    m = measurer.measure(hc18.read_grey(rec.image), Spacing(rec.pixel_mm, rec.pixel_mm, "test"), ga_weeks=20.0)
+    assert m.centile is not None and 0 <= m.centile["centile"] <= 100

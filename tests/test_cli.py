@@ -104,3 +104,15 @@ def test_train_command_smoke(samples_dir, tmp_path):
     assert code == 0, err
     assert (tmp_path / "best.pt").exists() and (tmp_path / "history.csv").exists()
     assert "best validation ADF" in out
+
+
+def test_export_model_halves_and_drops_optimizer(tiny_run, tmp_path):
+    from fetalhc.model import load_model, read_checkpoint
+    code, out, err = run("export-model", tiny_run["last_path"], tmp_path / "small.pt")
+    assert code == 0, err
+    blob = read_checkpoint(tmp_path / "small.pt")
+    assert "optimizer" not in blob and blob["state_dict"]["roi_heads.box_head.fc6.weight"].dtype.is_floating_point
+    assert str(blob["state_dict"]["roi_heads.box_head.fc6.weight"].dtype) == "torch.float16"
+    assert (tmp_path / "small.pt").stat().st_size < 0.6 * open(tiny_run["last_path"], "rb").seek(0, 2)
+    model, meta = load_model(tmp_path / "small.pt")
+    assert meta["history"] and meta["source"].startswith("last-")

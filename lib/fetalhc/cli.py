@@ -1,4 +1,4 @@
-"""`fetalhc` command line: measure, train, evaluate, split, export-coco."""
+"""`fetalhc` command line: measure, train, evaluate, split, export-coco, export-model."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +126,16 @@ def _export_coco(args) -> int:
     return 0
 
 
+def _export_model(args) -> int:
+    from .model import load_model, model_version, save_checkpoint
+
+    model, meta = load_model(args.checkpoint)
+    keep = {k: v for k, v in meta.items() if k not in ("optimizer", "scheduler", "path", "version", "format", "config")}
+    out = save_checkpoint(args.out, model, half=not args.float32, source=model_version(args.checkpoint), **keep)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'float32' if args.float32 else 'float16'} weights)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fetalhc", description="Fetal head circumference from 2-D ultrasound.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--subset", choices=["all", "val", "train"], default="all")
     split_args(c)
     c.set_defaults(func=_export_coco)
+    x = sub.add_parser("export-model", help="deployable copy of a checkpoint: no optimizer state, float16")
+    x.add_argument("checkpoint")
+    x.add_argument("out")
+    x.add_argument("--float32", action="store_true", help="keep float32 weights")
+    x.set_defaults(func=_export_model)
     return p
 
 

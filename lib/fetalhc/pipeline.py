@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .clinical import GestationalAge, hadlock_ga, hc_centile
-from .geometry import Ellipse, fit_mask, touches_border
+from .geometry import Ellipse, boundary_points, fit_points, largest_component, touches_border
 from .io import Spacing
 from .model import CheckpointError, load_model
 
@@ -107,11 +107,13 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
         reasons.append("no head found")
         return _finish(result, reasons, t0)
     binary = soft >= 0.5
+    pts = boundary_points(binary, soft)  # once: the pixel and the mm fits share the same boundary
     try:
-        ell_px, _ = fit_mask(binary, None, soft)
+        ell_px = fit_points(pts)
     except ValueError as exc:
         reasons.append(f"no head found ({exc})")
         return _finish(result, reasons, t0)
+    binary = largest_component(binary)
     result.update(mask=binary.astype(np.uint8), ellipse_px=ell_px, hc_px=ell_px.perimeter)
     if score < score_threshold:
         reasons.append(f"low detection score {score:.2f} < {score_threshold:.2f}")
@@ -125,7 +127,7 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
     if spacing is None:
         reasons.append("pixel spacing unknown: no HC in mm")
         return _finish(result, reasons, t0)
-    _, ell_mm = fit_mask(binary, spacing.as_tuple(), soft)
+    ell_mm = fit_points(pts * [spacing.col_mm, spacing.row_mm])
     hc = ell_mm.perimeter
     result.update(ellipse_mm=ell_mm, hc_mm=hc, ga=hadlock_ga(hc))
     lo, hi = PLAUSIBLE_HC_MM

@@ -62,7 +62,10 @@ class FetalHeadInfer(InferTask):
         path = req.get("image")
         if not isinstance(path, str) or not path:
             raise http_error(400, "fetal_head needs an image id or an uploaded image file")
-        img = load_input(path, pixel_size=pixel_size(req, req.get("image_info")), pixel_csv=self.pixel_csv,
+        # The studies' pixel CSV lists datastore images only; an upload carries its own calibration.
+        from_datastore = req.get("image_info") is not None
+        img = load_input(path, pixel_size=pixel_size(req, req.get("image_info")),
+                         pixel_csv=self.pixel_csv if from_datastore else None,
                          frame=number(req.get("frame"), "frame", 0, 1e6, integer=True) or 0)
         threshold = number(req.get("score_threshold"), "score_threshold", 0.0, 1.0)
         ga = number(req.get("ga_weeks"), "ga_weeks", 0.0, 45.0) or None

@@ -141,6 +141,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, half: bool = False, *
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a served model must be readable by the server
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

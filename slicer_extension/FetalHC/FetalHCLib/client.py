@@ -143,13 +143,13 @@ class MonaiLabelClient:
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise ServerError(f"{what}: no answer from {self.url} within {timeout:.0f} s (timeout)") from None
+                raise ServerError(f"{what}: no answer from {self.url} within {timeout:g} s (timeout)") from None
             if isinstance(reason, ConnectionRefusedError):
                 raise ServerError(f"cannot connect to the MONAI Label server at {self.url}: connection refused. "
                                   "Is the server running, and is the URL right?") from None
             raise ServerError(f"cannot reach the MONAI Label server at {self.url}: {reason}") from None
         except (socket.timeout, TimeoutError):
-            raise ServerError(f"{what}: no answer from {self.url} within {timeout:.0f} s (timeout)") from None
+            raise ServerError(f"{what}: no answer from {self.url} within {timeout:g} s (timeout)") from None
         except (ConnectionError, OSError) as e:
             raise ServerError(f"{what}: connection to {self.url} failed ({e})") from None
 

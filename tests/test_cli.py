@@ -116,3 +116,17 @@ def test_export_model_halves_and_drops_optimizer(tiny_run, tmp_path):
     assert (tmp_path / "small.pt").stat().st_size < 0.6 * open(tiny_run["last_path"], "rb").seek(0, 2)
     model, meta = load_model(tmp_path / "small.pt")
     assert meta["history"] and meta["source"].startswith("last-")
+
+
+def test_train_under_torchrun_ddp_on_cpu(samples_dir, tmp_path):
+    """Two DDP processes (gloo on CPU) through torchrun, as multi-GPU training runs with NCCL."""
+    import os
+    import shutil
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "fetalhc.cli", "train", "--hc18", str(samples_dir),
+                        "--out", str(tmp_path), "--epochs", "1", "--limit", "4", "--batch-size", "1",
+                        "--input-size", "128", "--device", "cpu", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("best validation ADF") == 1  # rank 0 only
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "history.csv").read_text().count("\n") == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def _train(args) -> int:
                                     "split_seed": args.seed, "val_exams": sorted({s.group for s in val}),
                                     "license": "HC18 CC BY 4.0, doi:10.5281/zenodo.1322001"})
     result = fit(cfg, train, val)
-    print(f"best validation ADF {result['best_metric']} mm -> {result['best_path']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 validates and saves
+        print(f"best validation ADF {result['best_metric']} mm -> {result['best_path']}")
     return 0
 
 

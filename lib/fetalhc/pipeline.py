@@ -21,7 +21,7 @@ from .io import Spacing
 from .model import CheckpointError, load_model
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fetalhc_default.pt"
-MIN_SCORE = 0.05  # below this a detection is noise, not a head
+MIN_SCORE = 0.2  # below this a detection is noise (a blank frame scores ~0.07), not a head
 PLAUSIBLE_HC_MM = (40.0, 400.0)  # HC18 spans 44-346 mm; beyond this the spacing is suspect
 
 

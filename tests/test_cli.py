@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from fetalhc import hc18
 from fetalhc.evaluate import SUBMISSION_HEADER, submission_row

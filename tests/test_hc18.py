@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from fetalhc import hc18
 from fetalhc.geometry import fit_mask

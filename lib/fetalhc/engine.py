@@ -54,11 +54,9 @@ def validate(model, samples: list[Sample], score_threshold: float = 0.5) -> tupl
     for s in samples:
         sp = s.spacing.as_tuple()
         _, gt_mm = fit_mask(s.mask, sp)
-        gt_px, _ = fit_mask(s.mask)
         m = measure_image(model, s.image, s.spacing, score_threshold=score_threshold)
         row = compare(m.ellipse_mm, gt_mm, m.ellipse_px, s.mask)
-        rows.append({"filename": s.name, "score": m.score, "qc": m.qc_text, **row,
-                     "gt_ellipse_px": gt_px})
+        rows.append({"filename": s.name, "score": m.score, "qc": m.qc_text, **row})
     summary = summarise(rows)
     summary["seconds_per_image"] = (time.perf_counter() - t0) / max(len(samples), 1)
     return rows, summary

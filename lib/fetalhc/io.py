@@ -514,6 +514,20 @@ def _user_spacing(path: Path, pixel_size, pixel_csv, warn: list) -> Spacing | No
     return Spacing(mm, mm, source)
 
 
+def file_kind(path) -> str:
+    """'dicom', 'nifti', 'nrrd' or 'raster', from the file name (content sniffing is load_image's job)."""
+    return _kind_of(Path(path))
+
+
+def dicom_header_spacing(path) -> tuple[Spacing | None, list[str]]:
+    """(spacing, warnings) from a DICOM header alone, by the same rules as load_image (for viewers such as
+    Slicer that read the pixels themselves but get ultrasound-region calibration wrong)."""
+    import pydicom
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    warn: list[str] = []
+    return _dicom_spacing(ds, _us_regions(ds, warn), warn), warn
+
+
 def load_image(path, *, pixel_size: float | None = None, pixel_csv: str | Path | dict | None = None,
                frame: int = 0) -> LoadedImage:
     """Load a 2-D image as uint8 grey with its spacing. The user's pixel size (``pixel_size``, else the

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import slicer
@@ -125,12 +124,7 @@ def dicom_file_spacing(path: str):
     """(Spacing or None, warnings) from a DICOM file's header: PixelSpacing, ImagerPixelSpacing, else the
     largest calibrated 2-D tissue region of SequenceOfUltrasoundRegions (PhysicalDeltaX/Y in cm) --
     fetalhc.io's rules, so Slicer and the server agree."""
-    import pydicom
-    io = core.load()[2]
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-    warnings: list[str] = []
-    regions = io._us_regions(ds, warnings)
-    return io._dicom_spacing(ds, regions, warnings), warnings
+    return core.load()[2].dicom_header_spacing(path)
 
 
 def resolve_spacing(volume, *, dicom_file: str | None = None, manual_mm: float | None = None) -> dict:
@@ -148,7 +142,7 @@ def resolve_spacing(volume, *, dicom_file: str | None = None, manual_mm: float |
     elif not volume.GetAttribute(ATTR_SPACING_SOURCE):
         storage = volume.GetStorageNode()
         path = storage.GetFileName() if storage is not None else None
-        kind = io._kind_of(Path(path)) if path else None
+        kind = io.file_kind(path) if path else None
         if dicom_file or kind == "dicom":
             spacing, warnings = dicom_file_spacing(dicom_file or path)
             if spacing is not None:
@@ -189,7 +183,7 @@ def load_image_volume(scene, path: str, name: str | None = None):
     else (PNG, JPEG, DICOM...) with fetalhc.io (grey pixels + header spacing, Slicer's 2-D geometry)."""
     io = core.load()[2]
     name = name or os.path.basename(path).split(".")[0]
-    kind = io._kind_of(Path(path))
+    kind = io.file_kind(path)
     if kind in ("nrrd", "nifti"):
         volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         storage = _storage(path, scene)

@@ -1,9 +1,12 @@
 """Model-card figures for a checkpoint: validation metrics, 10 worst cases with overlays, training curves.
 
-    .venv/bin/python scripts/model_report.py CKPT HC18_DIR --history runs/default/history.csv --out models/report
+    .venv/bin/python scripts/model_report.py CKPT HC18_DIR --history runs/default/history.csv [runs/stage2/history.csv] \
+        --out models/report
 
 Validation = the held-out exams of the exam-grouped split recorded in the checkpoint (seed, fraction).
-Writes val_predictions.csv (HC18 submission format), val_metrics.csv/json, worst/*.png, training_curves.png.
+Writes val_predictions.csv (HC18 submission format), val_metrics.csv/json, worst/*.png, training_curves.png,
+and training_history.csv (the --history files in order, epochs numbered on, a ``stage`` column: a run
+fine-tuned from the previous one's checkpoint is the next stage).
 """
 from __future__ import annotations
 
@@ -26,8 +29,19 @@ from fetalhc.overlay import render  # noqa: E402
 from fetalhc.pipeline import Measurer  # noqa: E402
 
 
-def plot_history(history_csv: Path, out_png: Path):
-    rows = list(csv.DictReader(open(history_csv)))
+def join_histories(paths: list[Path], out_csv: Path) -> list[dict]:
+    rows = []
+    for stage, path in enumerate(paths, 1):
+        for r in csv.DictReader(open(path)):
+            rows.append({"stage": stage, **r, "epoch": len(rows)})
+    with open(out_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def plot_history(rows: list[dict], out_png: Path):
     ep = [int(r["epoch"]) + 1 for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, label in (("train_loss", "total"), ("train_loss_mask", "mask"), ("train_loss_classifier", "box cls"),
@@ -41,6 +55,9 @@ def plot_history(history_csv: Path, out_png: Path):
     ax[2].set(title="validation Dice (%)", xlabel="epoch")
     for a in ax:
         a.grid(alpha=0.3)
+        for prev, r in zip(rows, rows[1:]):  # restarts (fine-tuning stages)
+            if r["stage"] != prev["stage"]:
+                a.axvline(int(r["epoch"]) + 0.5, color="grey", ls="--", lw=0.8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
 
@@ -49,7 +66,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("hc18")
-    ap.add_argument("--history")
+    ap.add_argument("--history", nargs="+", help="history.csv of each training stage, in order")
     ap.add_argument("--out", default="models/report")
     args = ap.parse_args()
     out = Path(args.out)
@@ -85,7 +102,8 @@ def main():
         cv2.imwrite(str(out / "worst" / r["filename"]), pic)
     (out / "val_summary.json").write_text(json.dumps(summary, indent=1))
     if args.history:
-        plot_history(Path(args.history), out / "training_curves.png")
+        rows = join_histories([Path(h) for h in args.history], out / "training_history.csv")
+        plot_history(rows, out / "training_curves.png")
     print(format_summary(summary))
     print(f"{per_image:.3f} s/image; worst: " + ", ".join(f"{r['filename']} {r['adf_mm']:.1f} mm" for r in worst))
 

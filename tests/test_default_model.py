@@ -26,6 +26,7 @@ def test_default_model_measures_shipped_samples_within_3mm(measurer, samples_dir
         img = load_image(r.image, pixel_csv=samples_dir / hc18.TRAIN_CSV)
         m = measurer.measure(img.pixels, img.spacing)
         assert m.hc_mm is not None, (r.name, m.qc_reasons)
+        assert m.to_dict()["mask_ellipse_dice"] > 0.9, r.name
         errors[r.name] = m.hc_mm - r.hc_mm
     over = {n: e for n, e in errors.items() if abs(e) > KNOWN_OVER_3MM.get(n, 3.0)}
     assert not over, errors

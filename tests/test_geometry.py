@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from fetalhc.geometry import (Ellipse, boundary_points, dice, ellipse_mask, fit_mask, fit_points, hausdorff,
+from fetalhc.geometry import (Ellipse, boundary_points, dice, ellipse_agreement, ellipse_mask, fit_mask, fit_points, hausdorff,
                               largest_component, numeric_perimeter, ramanujan_perimeter, touches_border)
 
 
@@ -95,3 +95,18 @@ def test_dice_and_hausdorff():
     assert hausdorff(e, e) == pytest.approx(0.0, abs=1e-9)
     moved = Ellipse.make(53, 50, 30, 20, 0.0)
     assert hausdorff(e, moved) == pytest.approx(3.0, abs=0.05)
+
+
+def test_ellipse_agreement_flags_a_mask_cut_by_its_box():
+    e = Ellipse.make(300, 220, 160, 120, 0.2)
+    whole = ellipse_mask(e, (480, 640))
+    px, _ = fit_mask(whole)
+    assert ellipse_agreement(whole, px) > 0.995
+    # Cut by the image border: the ellipse is compared inside the image only, so no penalty.
+    cut = ellipse_mask(Ellipse.make(560, 220, 160, 120, 0.2), (480, 640))
+    assert ellipse_agreement(cut, fit_mask(cut)[0]) > 0.99
+    # A mask clipped by a too-small detection box (straight sides, as in HC18 753_HC).
+    boxed = whole.copy()
+    boxed[:, :200] = False
+    boxed[:, 400:] = False
+    assert ellipse_agreement(boxed, fit_mask(boxed)[0]) < 0.97

@@ -176,6 +176,11 @@ def ellipse_mask(e: Ellipse, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def ellipse_agreement(mask: np.ndarray, e: Ellipse) -> float:
+    """Dice of a mask with an ellipse, inside the image (a head cut by the border is not penalised)."""
+    return dice(mask, ellipse_mask(e, mask.shape))
+
+
 def touches_border(e: Ellipse, shape: tuple[int, int], margin: float = 0.5) -> bool:
     """True when the pixel ellipse leaves the image, i.e. part of the head is cut off."""
     x0, y0, x1, y1 = e.bounding_box()

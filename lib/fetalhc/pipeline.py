@@ -16,13 +16,16 @@ import numpy as np
 import torch
 
 from .clinical import GestationalAge, hadlock_ga, hc_centile
-from .geometry import Ellipse, boundary_points, fit_points, largest_component, touches_border
+from .geometry import Ellipse, boundary_points, ellipse_agreement, fit_points, largest_component, touches_border
 from .io import Spacing
 from .model import CheckpointError, load_model
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fetalhc_default.pt"
 MIN_SCORE = 0.2  # below this a detection is noise (a blank frame scores ~0.07), not a head
 PLAUSIBLE_HC_MM = (40.0, 400.0)  # HC18 spans 44-346 mm; beyond this the spacing is suspect
+# Dice of the mask with its own fitted ellipse. A skull is an ellipse: a mask far from one (cut by its
+# detection box, leaking into the body, half a head) gives an ellipse that measures something else.
+MIN_ELLIPSE_AGREEMENT = 0.97
 
 
 def default_model_path() -> Path:
@@ -114,11 +117,16 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
         reasons.append(f"no head found ({exc})")
         return _finish(result, reasons, t0)
     binary = largest_component(binary)
-    result.update(mask=binary.astype(np.uint8), ellipse_px=ell_px, hc_px=ell_px.perimeter)
+    agreement = ellipse_agreement(binary, ell_px)
+    result.update(mask=binary.astype(np.uint8), ellipse_px=ell_px, hc_px=ell_px.perimeter,
+                  extra={"mask_ellipse_dice": round(agreement, 4)})
     if score < score_threshold:
         reasons.append(f"low detection score {score:.2f} < {score_threshold:.2f}")
     if touches_border(ell_px, pixels.shape):
         reasons.append("head cut by the image border: HC extrapolated")
+    if agreement < MIN_ELLIPSE_AGREEMENT:
+        reasons.append(f"mask is not elliptical (Dice with its ellipse {agreement:.3f} < {MIN_ELLIPSE_AGREEMENT}): "
+                       "check the outline")
     if ell_px.b / ell_px.a < 0.55:
         reasons.append(f"unusual head shape (axis ratio {ell_px.b / ell_px.a:.2f})")
     if spacing_at is not None:

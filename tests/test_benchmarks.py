@@ -1,0 +1,28 @@
+"""The active-learning benchmark runs end to end (tiny, on the shipped samples) and writes its report."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_active_learning_benchmark_smoke(samples_dir, tmp_path):
+    out = tmp_path / "al"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "active_learning.py"), str(samples_dir), "--out", str(out),
+           "--start", "3", "--step", "1", "--rounds", "1", "--epochs", "1", "--init-epochs", "1",
+           "--seeds", "0", "1", "--threads", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    # Per seed: the shared start row, then one round per strategy; both seeds start from different images.
+    assert [(r["seed"], r["strategy"]) for r in rows] == [
+        (s, k) for s in (0, 1) for k in ("start", "hc_uncertainty", "random")]
+    starts = [r["added"] for r in rows if r["strategy"] == "start"]
+    assert starts[0] != starts[1] and all(len(s) == 3 for s in starts)
+    assert all(r["labelled"] == 4 for r in rows if r["round"] == 1)
+    assert not set(res["validation"]) & {n for r in rows for n in r["added"]}  # no validation image labelled
+    assert [m["seeds"] for m in res["mean"]] == [2, 2, 2]
+    assert (out / "active_learning.png").stat().st_size > 1000
+    assert "mean val ADF" in (out / "results.md").read_text()

@@ -71,6 +71,8 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     (out / "worst").mkdir(parents=True, exist_ok=True)
+    for old in (out / "worst").glob("*.png"):  # a previous model's worst cases
+        old.unlink()
     measurer = Measurer(args.checkpoint, "cpu")
     data = measurer.meta.get("data", {})
     recs = {r.name: r for r in hc18.read_records(args.hc18)}

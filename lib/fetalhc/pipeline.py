@@ -125,8 +125,7 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
     if touches_border(ell_px, pixels.shape):
         reasons.append("head cut by the image border: HC extrapolated")
     if agreement < MIN_ELLIPSE_AGREEMENT:
-        reasons.append(f"mask is not elliptical (Dice with its ellipse {agreement:.3f} < {MIN_ELLIPSE_AGREEMENT}): "
-                       "check the outline")
+        reasons.append(f"mask not elliptical (Dice {agreement:.3f} with its ellipse): check the outline")
     if ell_px.b / ell_px.a < 0.55:
         reasons.append(f"unusual head shape (axis ratio {ell_px.b / ell_px.a:.2f})")
     if spacing_at is not None:

@@ -119,7 +119,7 @@ def mean_table(rows: list[dict]) -> str:
     for r in mean_rows(rows):
         lines.append(f"| {r['round']} | {r['labelled']} | {r['strategy']} | {r['val_adf_mm']:.2f} | "
                      f"{', '.join(f'{v:.2f}' for v in r['val_adf_per_seed'])} | {r['val_adf_median_mm']:.2f} | "
-                     f"{100 * r['val_dice']:.2f} % |")
+                     + (f"{100 * r['val_dice']:.2f} % |" if r["val_dice"] is not None else "- |"))
     return "\n".join(lines)
 
 

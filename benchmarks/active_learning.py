@@ -193,7 +193,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    records = {r.name: r for r in hc18.read_records(args.hc18) if r.annotation is not None}
+    try:
+        records = {r.name: r for r in hc18.read_records(args.hc18) if r.annotation is not None}
+    except FileNotFoundError as exc:
+        p.error(str(exc))
     pool, val_names = hc18.exam_split(sorted(records), args.val_fraction, args.split_seed)
     val_names = val_names[: args.val_limit] if args.val_limit else val_names
     need = args.start + args.step * args.rounds
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     print(f"{len(pool)} pool / {len(val)} validation images; start {args.start}, +{args.step} x {args.rounds} "
           f"rounds; seeds {args.seeds}", file=sys.stderr)
     rows: list[dict] = []
-    seeds = list(args.seeds)
+    seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would be the same simulation twice
     for seed in seeds:
         rows += run_seed(seed, pool, val, records, args, out / f"seed{seed}" if len(seeds) > 1 else out)
         write_results(out, args, val_names, rows)  # after every seed: a cut-short run still reports

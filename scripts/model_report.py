@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--history", nargs="+", help="history.csv of each training stage, in order")
     ap.add_argument("--out", default="models/report")
     args = ap.parse_args()
+    for path in [args.checkpoint, *(args.history or [])]:
+        if not Path(path).is_file():
+            ap.error(f"no such file: {path}")
     out = Path(args.out)
     (out / "worst").mkdir(parents=True, exist_ok=True)
     for old in (out / "worst").glob("*.png"):  # a previous model's worst cases

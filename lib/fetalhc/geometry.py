@@ -108,7 +108,11 @@ def boundary_points(mask: np.ndarray, soft: np.ndarray | None = None, level: flo
     4-neighbour outside it, interpolated on the soft mask when given. Using pixel centres instead would
     shrink the ellipse by half a pixel (about -0.5 mm of HC at typical spacings).
     """
-    region = largest_component(mask)
+    return region_boundary(largest_component(mask), soft, level)
+
+
+def region_boundary(region: np.ndarray, soft: np.ndarray | None = None, level: float = 0.5) -> np.ndarray:
+    """:func:`boundary_points` of a region that already is one hole-filled component (bool)."""
     vals = region.astype(np.float32) if soft is None else np.asarray(soft, np.float32)
 
     def crossings(first_in, second_in, v_first, v_second):

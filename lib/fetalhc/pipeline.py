@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .clinical import GestationalAge, hadlock_ga, hc_centile
-from .geometry import Ellipse, boundary_points, ellipse_agreement, fit_points, largest_component, touches_border
+from .geometry import Ellipse, ellipse_agreement, fit_points, largest_component, region_boundary, touches_border
 from .io import Spacing
 from .model import CheckpointError, load_model
 
@@ -109,14 +109,13 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
     if soft is None or score < MIN_SCORE or (soft >= 0.5).sum() < 20:
         reasons.append("no head found")
         return _finish(result, reasons, t0)
-    binary = soft >= 0.5
-    pts = boundary_points(binary, soft)  # once: the pixel and the mm fits share the same boundary
+    binary = largest_component(soft >= 0.5)
+    pts = region_boundary(binary, soft)  # once: the pixel and the mm fits share the same boundary
     try:
         ell_px = fit_points(pts)
     except ValueError as exc:
         reasons.append(f"no head found ({exc})")
         return _finish(result, reasons, t0)
-    binary = largest_component(binary)
     agreement = ellipse_agreement(binary, ell_px)
     result.update(mask=binary.astype(np.uint8), ellipse_px=ell_px, hc_px=ell_px.perimeter,
                   extra={"mask_ellipse_dice": round(agreement, 4)})

@@ -29,3 +29,13 @@ def test_intergrowth_reference_values():
     assert hc_centile(mu + sd, 20.0)["centile"] == pytest.approx(84.13, abs=0.01)
     with pytest.raises(ValueError):
         intergrowth_hc(41.0)
+
+
+def test_biometry_is_the_hc_ellipse_axes():
+    from fetalhc.clinical import biometry
+    from fetalhc.geometry import Ellipse
+
+    b = biometry(Ellipse.make(0, 0, 40.0, 50.0, 0.3))  # semi-axes in mm, given in either order
+    assert b["ofd_mm"] == pytest.approx(100.0) and b["bpd_mm"] == pytest.approx(80.0)
+    assert b["cephalic_index"] == pytest.approx(80.0)
+    assert biometry(None) == {"bpd_mm": None, "ofd_mm": None, "cephalic_index": None}

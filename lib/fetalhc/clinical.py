@@ -37,6 +37,18 @@ def hadlock_ga(hc_mm: float | None) -> GestationalAge:
     return GestationalAge(8.96 + 0.540 * hc + 0.0003 * hc ** 3, True)
 
 
+def biometry(ellipse_mm) -> dict:
+    """BPD, OFD and cephalic index from the HC ellipse in mm (any object with semi-axes ``a >= b``).
+
+    Both diameters are the fitted ellipse's axes, on the same outer skull outline the HC is measured on
+    (outer-to-outer), so HC, BPD and OFD always describe one curve.
+    """
+    if ellipse_mm is None:
+        return {"bpd_mm": None, "ofd_mm": None, "cephalic_index": None}
+    bpd, ofd = 2.0 * float(ellipse_mm.b), 2.0 * float(ellipse_mm.a)
+    return {"bpd_mm": bpd, "ofd_mm": ofd, "cephalic_index": 100.0 * bpd / ofd if ofd > 0 else None}
+
+
 def intergrowth_hc(ga_weeks: float) -> tuple[float, float]:
     """INTERGROWTH-21st fetal HC (Papageorghiou 2014): mean and SD in mm at ``ga_weeks``."""
     lo, hi = INTERGROWTH_GA_RANGE

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .clinical import GestationalAge, hadlock_ga, hc_centile
+from .clinical import GestationalAge, biometry, hadlock_ga, hc_centile
 from .geometry import Ellipse, ellipse_agreement, fit_points, largest_component, region_boundary, touches_border
 from .io import Spacing
 from .model import CheckpointError, load_model
@@ -59,6 +59,7 @@ class Measurement:
         return {
             "hc_mm": _r(self.hc_mm), "hc_px": _r(self.hc_px),
             "ellipse_px": _ell(self.ellipse_px), "ellipse_mm": _ell(self.ellipse_mm),
+            **{k: _r(v) for k, v in biometry(self.ellipse_mm).items()},
             "ga_weeks": _r(self.ga.weeks), "ga_text": self.ga.text, "ga_valid": self.ga.valid,
             "ga_reason": self.ga.reason, "centile": self.centile,
             "score": round(float(self.score), 4), "qc_ok": self.qc_ok, "qc": self.qc_text,

@@ -1,4 +1,4 @@
-"""`fetalhc` command line: measure, train, evaluate, split, export-coco, export-model."""
+"""`fetalhc` command line: measure, train, evaluate, protocol, split, export-coco, export-model."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,10 @@ def _train(args) -> int:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     samples = hc18_samples(args.hc18)
+    if args.protocol:  # the protocol test exams are never trained or validated on
+        from .protocol import protocol_split
+        dev = set(protocol_split([s.name for s in samples]).dev)
+        samples = [s for s in samples if s.name in dev]
     train, val = split_samples(samples, args.val_fraction, args.seed)
     if args.limit:
         train, val = train[:args.limit], val[:max(1, args.limit // 4)]
@@ -74,7 +78,7 @@ def _train(args) -> int:
                       augment=not args.no_augment, device=args.device, workers=args.workers, seed=args.seed,
                       half_best=args.half,
                       data_summary={"source": f"HC18 {Path(args.hc18).name}", "val_fraction": args.val_fraction,
-                                    "split_seed": args.seed, "val_exams": sorted({s.group for s in val}),
+                                    "split_seed": args.seed, "protocol": args.protocol,
                                     "license": "HC18 CC BY 4.0, doi:10.5281/zenodo.1322001"})
     result = fit(cfg, train, val)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 validates and saves
@@ -99,6 +103,50 @@ def _evaluate(args) -> int:
             w.writeheader()
             w.writerows(rows)
         Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _protocol(args) -> int:
+    import torch
+
+    from . import hc18
+    from .pipeline import Measurer
+    from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, seen_test_images
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
+    split = protocol_split(names)
+    print(f"protocol test set: {len(split.test)} images of {len(split.test_exams)} exams "
+          f"(development: {len(split.dev)} images)", file=sys.stderr)
+    if args.split_out:
+        Path(args.split_out).write_text(json.dumps({"dev": split.dev, "test": split.test}, indent=1))
+    if not args.model:
+        return 0
+    measurer = Measurer(args.model, args.device)
+    seen = seen_test_images(measurer.meta, split)
+    title = f"Protocol test set, model {measurer.version}"
+    if seen is None or seen:
+        why = ("its checkpoint does not record which images it trained on" if seen is None else
+               f"it trained on or was chosen on {len(seen)} of the {len(split.test)} protocol test images")
+        if not args.allow_seen:
+            raise ValueError(f"{args.model}: {why}, so its figures would not be an accuracy estimate. Train with "
+                             "`fetalhc train --protocol`, or pass --allow-seen for a figure marked as such.")
+        title += f" — NOT an accuracy estimate: {why}"
+    done = lambda n: print(f"\r{n}/{len(split.test)} measured", end="", file=sys.stderr, flush=True)  # noqa: E731
+    rows = measure_test_set(measurer, args.hc18, split.test, args.score_threshold, progress=done)
+    print(file=sys.stderr)
+    summary = protocol_summary(rows)
+    table = format_table(summary, title)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "protocol_rows.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
+        (out / "protocol_table.md").write_text(table)
     return 0
 
 
@@ -179,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device")
     t.add_argument("--workers", type=int, default=0)
     t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--protocol", action="store_true",
+                   help="leave out the evaluation protocol's test exams (see `fetalhc protocol`)")
     split_args(t)
     t.set_defaults(func=_train)
 
@@ -190,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="per-image CSV (and a .json summary beside it)")
     split_args(e)
     e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("protocol", help="accuracy on the protocol test set, which no training or setting saw")
+    r.add_argument("hc18", help="HC18 folder with training_set/ and its CSV")
+    r.add_argument("--model", help="checkpoint to evaluate (without it: only print / write the split)")
+    r.add_argument("--out", help="folder for protocol_rows.csv, protocol_summary.json, protocol_table.md")
+    r.add_argument("--split-out", help="JSON file with the development and test image names")
+    r.add_argument("--allow-seen", action="store_true",
+                   help="evaluate a model that saw test images (the table says it is not an accuracy estimate)")
+    r.add_argument("--score-threshold", type=float, default=0.5)
+    r.add_argument("--device")
+    r.add_argument("--threads", type=int, help="CPU threads for torch")
+    r.set_defaults(func=_protocol)
 
     s = sub.add_parser("split", help="exam-grouped train/validation split of HC18")
     s.add_argument("hc18")

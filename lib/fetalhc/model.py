@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from collections import OrderedDict
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import mobilenet_v3_large, resnet50, resnet101
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -122,6 +124,59 @@ def build_model(config: str | ModelConfig = DEFAULT_CONFIG, num_classes: int = 2
     )
     model.fetalhc_config = cfg
     return model
+
+
+def paste_mask(mask: torch.Tensor, box, resized_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """The M x M mask probabilities of one detection at full resolution, without torchvision's size bias.
+
+    torchvision's ``paste_masks_in_image`` stretches the mask over ``int(w) + 1`` whole pixels from a
+    truncated box corner: about one pixel too wide and tall, shifted by up to a pixel, so HC comes out
+    about pi pixels too long. Here every output pixel samples the mask where it lies: training targets
+    are cut with ``roi_align(aligned=False)``, so bin j covers box coordinates
+    ``x0 + [j, j + 1) * w / M`` with pixel centres at integer coordinates of the resized image, and the
+    resize maps pixel edges linearly (centre ``c`` resized -> ``(c + 0.5) * ratio - 0.5``).
+    ``box`` is (x0, y0, x1, y1) in the resized image (before the model's postprocess).
+    """
+    m = mask.shape[-1]
+    (hr, wr), (ho, wo) = resized_hw, out_hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+
+    def axis(lo, size, ratio, n):
+        # output pixels within one bin of the box; beyond it the sampled mask is zero
+        first = max(0, math.floor((lo - size / m + 0.5) * ratio - 0.5))
+        last = min(n - 1, math.ceil((lo + size + size / m + 0.5) * ratio - 0.5))
+        idx = torch.arange(first, max(first, last + 1), dtype=torch.float32, device=mask.device)
+        return first, max(first, last + 1), 2.0 * ((idx + 0.5) / ratio - 0.5 - lo) / size - 1.0
+
+    out = torch.zeros(out_hw, dtype=torch.float32, device=mask.device)
+    c0, c1, gx = axis(x0, bw, wo / wr, wo)
+    r0, r1, gy = axis(y0, bh, ho / hr, ho)
+    if c0 >= c1 or r0 >= r1:
+        return out
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None]  # (1, rows, cols, (x, y))
+    out[r0:r1, c0:c1] = F.grid_sample(mask.float()[None, None], grid, mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)[0, 0]
+    return out
+
+
+@torch.no_grad()
+def detect(model: MaskRCNN, image: torch.Tensor) -> dict:
+    """Inference on one (3, H, W) image: boxes, scores and full-resolution mask probabilities.
+
+    The same steps as ``MaskRCNN.forward`` in eval mode, except that masks are pasted by
+    :func:`paste_mask` instead of torchvision's biased ``paste_masks_in_image``.
+    """
+    hw = tuple(image.shape[-2:])
+    images, _ = model.transform([image])
+    features = model.backbone(images.tensors)
+    proposals, _ = model.rpn(images, features)
+    det = model.roi_heads(features, proposals, images.image_sizes)[0][0]
+    resized = images.image_sizes[0]
+    masks = [paste_mask(mk[0], bx, resized, hw) for mk, bx in zip(det["masks"], det["boxes"])]
+    scale = torch.tensor([hw[1] / resized[1], hw[0] / resized[0]] * 2, device=image.device)
+    return {"boxes": det["boxes"] * scale, "scores": det["scores"],
+            "masks": torch.stack(masks)[:, None] if masks else torch.zeros((0, 1, *hw), device=image.device)}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ import torch
 from .clinical import GestationalAge, biometry, hadlock_ga, hc_centile
 from .geometry import Ellipse, ellipse_agreement, fit_points, largest_component, region_boundary, touches_border
 from .io import Spacing
-from .model import CheckpointError, load_model
+from .model import CheckpointError, detect, load_model
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fetalhc_default.pt"
 MIN_SCORE = 0.2  # below this a detection is noise (a blank frame scores ~0.07), not a head
@@ -88,7 +88,7 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 def predict(model, pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
     """Best head detection: (soft mask at full resolution or None, score)."""
     device = next(model.parameters()).device
-    out = model([to_tensor(pixels).to(device)])[0]
+    out = detect(model, to_tensor(pixels).to(device))
     if len(out["scores"]) == 0:
         return None, 0.0
     i = int(out["scores"].argmax())

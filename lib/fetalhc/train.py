@@ -111,8 +111,13 @@ def fit(cfg: TrainConfig, train_samples: list[Sample], val_samples: list[Sample]
         start_epoch, history = resume_blob["epoch"] + 1, resume_blob.get("history", [])
         best = min([h["val_adf_mm"] for h in history if h.get("val_adf_mm") is not None], default=math.inf)
 
+    # Which exams trained and chose this checkpoint (and the one it started from): the evaluation
+    # protocol refuses to score a model on them.
+    lineage = (resume_blob.get("data") or {}).get("init_data") if resume_blob else (init_blob or {}).get("data")
     meta = {"train_config": asdict(cfg), "data": {"train_images": len(train_samples),
-            "val_images": len(val_samples), **cfg.data_summary}}
+            "val_images": len(val_samples), **cfg.data_summary,
+            "train_exams": sorted({s.group for s in train_samples}),
+            "val_exams": sorted({s.group for s in val_samples}), "init_data": lineage}}
     t_start = time.time() - sum(h.get("seconds", 0) for h in history)
     for epoch in range(start_epoch, cfg.epochs):
         if should_stop and should_stop():

@@ -1,0 +1,144 @@
+"""The evaluation protocol: an accuracy figure only from images that chose nothing.
+
+A fixed, exam-grouped part of the labelled HC18 images (``TEST_FRACTION`` of the examinations, drawn
+with ``PROTOCOL_SEED``) is the *protocol test set*. No training run, checkpoint choice, QC threshold or
+other setting may see it; everything else (the *development* images) is free for training, validation
+and tuning, e.g. by exam-grouped folds (:func:`dev_folds`). Checkpoints record which exams they trained
+and chose on, and :func:`seen_test_images` refuses a model that saw any protocol test image.
+
+The report gives the HC18 challenge metrics (ADF, DF, Dice, Hausdorff), mean ± sd, median, p95 and
+worst, the same by ground-truth head size, and how many gross errors (> ``GROSS_MM``) QC let through.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import hc18
+from .evaluate import compare, summarise
+from .geometry import fit_mask
+from .io import Spacing
+
+PROTOCOL_SEED = 20261201  # fixed before any model was trained under the protocol; never change it
+TEST_FRACTION = 0.2
+GROSS_MM = 8.0  # an error a clinician must not miss
+SIZE_BINS = ((0.0, 100.0), (100.0, 200.0), (200.0, math.inf))  # ground-truth HC, mm
+
+
+@dataclass(frozen=True)
+class ProtocolSplit:
+    dev: list[str]  # image names free for training, validation and tuning
+    test: list[str]  # image names that choose nothing
+
+    @property
+    def test_exams(self) -> set[str]:
+        return {hc18.exam_of(n) for n in self.test}
+
+
+def protocol_split(names: list[str]) -> ProtocolSplit:
+    """The fixed exam-grouped test set among ``names`` (HC18 image names) and the development rest."""
+    exams = sorted({hc18.exam_of(n) for n in names})
+    random.Random(PROTOCOL_SEED).shuffle(exams)
+    test_exams = set(exams[:round(len(exams) * TEST_FRACTION)])
+    return ProtocolSplit([n for n in names if hc18.exam_of(n) not in test_exams],
+                         [n for n in names if hc18.exam_of(n) in test_exams])
+
+
+def dev_folds(dev: list[str], k: int = 5, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """Exam-grouped k folds of the development images: (train, held-out) per fold."""
+    if k < 2:
+        raise ValueError("k-fold needs k >= 2")
+    exams = sorted({hc18.exam_of(n) for n in dev})
+    random.Random(seed).shuffle(exams)
+    fold_of = {e: i % k for i, e in enumerate(exams)}
+    return [([n for n in dev if fold_of[hc18.exam_of(n)] != f], [n for n in dev if fold_of[hc18.exam_of(n)] == f])
+            for f in range(k)]
+
+
+def seen_exams(meta: dict, all_names: list[str]) -> set[str] | None:
+    """Exams a checkpoint trained on or was chosen on; None when its provenance is unknown.
+
+    New checkpoints list ``train_exams`` and ``val_exams``, and under ``init_data`` what the checkpoint
+    they were fine-tuned from saw. Older ones trained on all of HC18 except ``val_exams``, and were
+    chosen on ``val_exams``: every exam counts as seen.
+    """
+    data = meta.get("data") or {}
+    if "train_exams" in data:
+        seen = set(data["train_exams"]) | set(data.get("val_exams", []))
+    elif str(data.get("source", "")).startswith("HC18"):
+        return {hc18.exam_of(n) for n in all_names}
+    else:
+        return None
+    if data.get("init_data") is not None:  # fine-tuned: what the starting checkpoint saw counts too
+        earlier = seen_exams({"data": data["init_data"]}, all_names)
+        return None if earlier is None else seen | earlier
+    return seen
+
+
+def seen_test_images(meta: dict, split: ProtocolSplit) -> list[str] | None:
+    seen = seen_exams(meta, split.dev + split.test)
+    return None if seen is None else [n for n in split.test if hc18.exam_of(n) in seen]
+
+
+def measure_test_set(measurer, root: str | Path, names: list[str], score_threshold: float = 0.5,
+                     progress=None) -> list[dict]:
+    """Per-image metrics and QC of the pipeline (``Measurer.measure``) against HC18 ground truth."""
+    keep = set(names)
+    rows = []
+    for r in (r for r in hc18.read_records(root) if r.name in keep and r.annotation is not None):
+        img = hc18.read_grey(r.image)
+        gt = hc18.gt_mask(r, img.shape)
+        spacing = Spacing(r.pixel_mm, r.pixel_mm, "HC18 CSV")
+        _, gt_mm = fit_mask(gt, spacing.as_tuple())
+        m = measurer.measure(img, spacing, score_threshold=score_threshold)
+        rows.append({"filename": r.name, "pixel_mm": r.pixel_mm, **compare(m.ellipse_mm, gt_mm, m.ellipse_px, gt),
+                     "score": round(m.score, 4), "qc_ok": m.qc_ok, "qc": m.qc_text})
+        if progress:
+            progress(len(rows))
+    return rows
+
+
+def protocol_summary(rows: list[dict]) -> dict:
+    """Overall and per-head-size metrics, and what QC caught."""
+    gross = [r for r in rows if r["adf_mm"] > GROSS_MM]
+    flagged = [r for r in rows if not r["qc_ok"]]
+    bins = {}
+    for lo, hi in SIZE_BINS:
+        sel = [r for r in rows if lo <= r["hc_true_mm"] < hi]
+        label = f"< {hi:.0f} mm" if lo == 0 else (f"> {lo:.0f} mm" if hi == math.inf else f"{lo:.0f}-{hi:.0f} mm")
+        bins[label] = summarise(sel) if sel else {"n": 0}
+        if sel:
+            bins[label]["df_median_mm"] = float(np.median([r["df_mm"] for r in sel]))
+    return {"overall": summarise(rows), "by_head_size": bins,
+            "gross_errors": len(gross), "gross_errors_qc_passed": sum(r["qc_ok"] for r in gross),
+            "qc_flagged": len(flagged), "qc_flagged_fraction": len(flagged) / max(len(rows), 1),
+            "gross_files_qc_passed": [r["filename"] for r in gross if r["qc_ok"]]}
+
+
+def format_table(s: dict, title: str) -> str:
+    """Markdown table of a :func:`protocol_summary`."""
+    o = s["overall"]
+    lines = [f"### {title}", "", "| | mean ± sd | median | p95 | worst |", "|---|---|---|---|---|"]
+    for key, label, k in (("adf_mm", "ADF (mm)", 1), ("df_mm", "DF (mm)", 1), ("dice", "Dice (%)", 100),
+                          ("hausdorff_mm", "Hausdorff (mm)", 1)):
+        if key in o:
+            m = o[key]
+            p = "5th pct." if key == "dice" else ""
+            lines.append(f"| {label} | {m['mean'] * k:.2f} ± {m['sd'] * k:.2f} | {m['median'] * k:.2f} | "
+                         f"{m['p95'] * k:.2f} {p}| {m['worst'] * k:.2f} |")
+    lines += ["", f"{o['n']} images, {o['missed']} without a detected head; errors > {GROSS_MM:.0f} mm: "
+                  f"{s['gross_errors']}, of which QC passed {s['gross_errors_qc_passed']}; QC flagged "
+                  f"{s['qc_flagged']} ({100 * s['qc_flagged_fraction']:.1f} %).", "",
+              "| ground-truth HC | images | ADF mean (mm) | ADF median (mm) | DF median (mm) | Dice (%) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for label, b in s["by_head_size"].items():
+        if b["n"]:
+            lines.append(f"| {label} | {b['n']} | {b['adf_mm']['mean']:.2f} | {b['adf_mm']['median']:.2f} | "
+                         f"{b['df_median_mm']:+.2f} | {100 * b['dice']['mean']:.2f} |")
+        else:
+            lines.append(f"| {label} | 0 | – | – | – | – |")
+    return "\n".join(lines) + "\n"

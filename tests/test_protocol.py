@@ -1,0 +1,100 @@
+"""The evaluation protocol: a fixed exam-grouped test set that no model may have seen."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from fetalhc import hc18
+from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, protocol_split, protocol_summary,
+                              seen_exams, seen_test_images)
+
+NAMES = [f"{e:03d}_{k}HC.png" for e in range(1, 101) for k in ("", "2")[: 1 + e % 2]]
+
+
+def test_split_is_fixed_exam_grouped_and_complete():
+    a, b = protocol_split(NAMES), protocol_split(list(NAMES))
+    assert a == b and sorted(a.dev + a.test) == sorted(NAMES)
+    assert not a.test_exams & {hc18.exam_of(n) for n in a.dev}
+    assert len(a.test_exams) == 20 and PROTOCOL_SEED == 20261201  # changing the seed would void past figures
+
+
+def test_dev_folds_partition_the_development_exams():
+    dev = protocol_split(NAMES).dev
+    folds = dev_folds(dev, 5)
+    held = [h for _, h in folds]
+    assert sorted(sum(held, [])) == sorted(dev)
+    for train, h in folds:
+        assert not {hc18.exam_of(n) for n in train} & {hc18.exam_of(n) for n in h}
+    with pytest.raises(ValueError):
+        dev_folds(dev, 1)
+
+
+def test_provenance_of_checkpoints():
+    split = protocol_split(NAMES)
+    t = sorted(split.test_exams)
+    legacy = {"data": {"source": "HC18 hc18", "val_exams": t[:3]}}  # trained on the rest of HC18
+    assert seen_test_images(legacy, split) == split.test
+    clean = {"data": {"train_exams": ["001"], "val_exams": ["002"]}}
+    assert seen_exams(clean, NAMES) == {"001", "002"}
+    assert seen_test_images({"data": {"train_exams": [e for e in {hc18.exam_of(n) for n in split.dev}],
+                                      "val_exams": []}}, split) == []
+    assert seen_test_images({"data": {"train_exams": [t[0]], "val_exams": []}}, split)  # one test exam trained on
+    assert seen_test_images({"data": {"train_exams": [], "val_exams": [t[0]]}}, split)  # chosen on it
+    assert seen_test_images({"data": {"train_exams": ["001"], "val_exams": [], "init_data": legacy["data"]}},
+                            split) == split.test  # fine-tuned from a model that saw everything
+    assert seen_test_images({"data": {"source": "MONAI Label datastore final labels"}}, split) is None
+
+
+def _row(name, true, pred, qc_ok=True):
+    return {"filename": name, "hc_true_mm": true, "hc_pred_mm": pred, "df_mm": pred - true, "adf_mm": abs(pred - true),
+            "dice": 0.97, "hausdorff_mm": 1.0, "missed": 0, "qc_ok": qc_ok, "qc": "OK" if qc_ok else "x"}
+
+
+def test_summary_counts_gross_errors_qc_passed_and_bins():
+    rows = [_row("a", 80, 82), _row("b", 63, 164, qc_ok=True), _row("c", 150, 151), _row("d", 250, 262, qc_ok=False),
+            _row("e", 300, 301)]
+    s = protocol_summary(rows)
+    assert s["gross_errors"] == 2 and s["gross_errors_qc_passed"] == 1 and s["gross_files_qc_passed"] == ["b"]
+    assert s["qc_flagged"] == 1 and s["qc_flagged_fraction"] == pytest.approx(0.2)
+    assert [b["n"] for b in s["by_head_size"].values()] == [2, 1, 2]
+    assert s["by_head_size"]["> 200 mm"]["df_median_mm"] == pytest.approx(6.5)
+    assert s["overall"]["adf_mm"]["worst"] == pytest.approx(101)
+    table = format_table(s, "t")
+    assert "| < 100 mm | 2 |" in table and f"errors > {GROSS_MM:.0f} mm: 2, of which QC passed 1" in table
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, "-m", "fetalhc.cli", "protocol", *map(str, args)], capture_output=True,
+                       text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_refuses_a_model_that_saw_the_test_images(default_model, samples_dir, tmp_path):
+    code, out, err = run(samples_dir, "--model", default_model)
+    assert code == 2 and "not be an accuracy estimate" in err and "Traceback" not in err
+    code, out, err = run(samples_dir, "--model", default_model, "--allow-seen", "--out", tmp_path,
+                         "--split-out", tmp_path / "split.json")
+    assert code == 0, err
+    assert "NOT an accuracy estimate" in out and "| ADF (mm) |" in out
+    split = json.loads((tmp_path / "split.json").read_text())
+    summary = json.loads((tmp_path / "protocol_summary.json").read_text())
+    assert summary["overall"]["n"] == len(split["test"]) > 0
+    assert summary["overall"]["adf_mm"]["mean"] < 3.0 and math.isfinite(summary["overall"]["dice"]["mean"])
+    assert (tmp_path / "protocol_rows.csv").read_text().count("\n") == len(split["test"]) + 1
+
+
+def test_cli_scores_a_model_trained_without_the_test_exams(tiny_run, samples_dir, tmp_path):
+    """A checkpoint whose record shows only development exams is scored, and the table is not marked."""
+    from fetalhc.model import load_model, save_checkpoint
+    split = protocol_split([r.name for r in hc18.read_records(samples_dir)])
+    model, _ = load_model(tiny_run["best_path"])
+    dev_exams = sorted({hc18.exam_of(n) for n in split.dev})
+    clean = save_checkpoint(tmp_path / "clean.pt", model, data={"train_exams": dev_exams[:-1], "val_exams": dev_exams[-1:]})
+    code, out, err = run(samples_dir, "--model", clean)
+    assert code == 0, err
+    assert "Protocol test set" in out and "NOT an accuracy estimate" not in out
+    leaky = save_checkpoint(tmp_path / "leaky.pt", model, data={"train_exams": dev_exams, "val_exams": [hc18.exam_of(split.test[0])]})
+    code, out, err = run(samples_dir, "--model", leaky)
+    assert code == 2 and f"1 of the {len(split.test)} protocol test images" in err

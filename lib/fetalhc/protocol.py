@@ -127,9 +127,9 @@ def format_table(s: dict, title: str) -> str:
                           ("hausdorff_mm", "Hausdorff (mm)", 1)):
         if key in o:
             m = o[key]
-            p = "5th pct." if key == "dice" else ""
+            p = " (5th pct.)" if key == "dice" else ""
             lines.append(f"| {label} | {m['mean'] * k:.2f} ± {m['sd'] * k:.2f} | {m['median'] * k:.2f} | "
-                         f"{m['p95'] * k:.2f} {p}| {m['worst'] * k:.2f} |")
+                         f"{m['p95'] * k:.2f}{p} | {m['worst'] * k:.2f} |")
     lines += ["", f"{o['n']} images, {o['missed']} without a detected head; errors > {GROSS_MM:.0f} mm: "
                   f"{s['gross_errors']}, of which QC passed {s['gross_errors_qc_passed']}; QC flagged "
                   f"{s['qc_flagged']} ({100 * s['qc_flagged_fraction']:.1f} %).", "",

@@ -15,6 +15,7 @@ centre, hence the half-pixel shift (and back in :func:`read_sr`).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,13 @@ def read_seg(seg) -> SegLabel:
     import highdicom as hd
     import pydicom
 
-    ds = seg if isinstance(seg, Dataset) else pydicom.dcmread(str(seg))
+    ds = copy.deepcopy(seg) if isinstance(seg, Dataset) else pydicom.dcmread(str(seg))
+    shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    measures = shared[0].get("PixelMeasuresSequence")
+    if measures and "SliceThickness" not in measures[0]:
+        # highdicom 0.22 writes 2-D pixel measures without a slice thickness (right for ultrasound) but
+        # cannot parse them back; only pixels and references are read here.
+        del shared[0].PixelMeasuresSequence
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     numbers = seg.get_segment_numbers(segment_label=FETAL_HEAD_LABEL) or [1]
     ref = seg.ReferencedSeriesSequence[0]

@@ -149,7 +149,9 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
     return _finish(result, reasons, t0)
 
 
-def measure_mask(mask: np.ndarray, spacing: Spacing | None, *, model_version: str = "") -> Measurement:
+def measure_mask(mask: np.ndarray, spacing: Spacing | None, *,
+                 spacing_at: Callable[[float, float], Spacing | None] | None = None,
+                 model_version: str = "") -> Measurement:
     """The measurement of a given mask (a clinician's corrected label): the same ellipse fit, HC and GA as
     :func:`measure_image`, with the checks that apply to a mask nobody scored."""
     t0 = time.perf_counter()
@@ -157,6 +159,10 @@ def measure_mask(mask: np.ndarray, spacing: Spacing | None, *, model_version: st
     result = dict(mask=binary.astype(np.uint8), ellipse_px=None, ellipse_mm=None, hc_mm=None, hc_px=None,
                   ga=hadlock_ga(None), score=1.0, spacing=spacing, model_version=model_version)
     try:
+        ell_px, _ = fit_mask(binary)
+        if spacing_at is not None:
+            spacing = spacing_at(ell_px.cx, ell_px.cy) or spacing
+            result["spacing"] = spacing
         ell_px, ell_mm = fit_mask(binary, spacing.as_tuple() if spacing else None)
     except ValueError as exc:
         return _finish(result, [f"no head in the mask ({exc})"], t0)

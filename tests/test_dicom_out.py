@@ -70,10 +70,10 @@ def test_ai_sr_passes_dciodvfy_dsrdump_and_gives_hc_back(tmp_path, record, measu
     for code in ("11984-2", "11820-8", "11851-3", "18185-9", "11932-1", "(mm,UCUM", "ELLIPSE", "Fetus"):
         assert code in dump or code in pydicom.dcmread(tmp_path / "sr.dcm").to_json(), code
     back = read_sr(tmp_path / "sr.dcm")
-    assert back["hc_mm"] == pytest.approx(res["hc_mm"], abs=0.005)
-    assert back["bpd_mm"] == pytest.approx(res["bpd_mm"], abs=0.005)
-    assert back["ofd_mm"] == pytest.approx(res["ofd_mm"], abs=0.005)
-    assert back["ga_weeks"] == pytest.approx(res["ga_weeks"], abs=0.005)
+    assert back["hc_mm"] == pytest.approx(res["hc_mm"], abs=1e-9)
+    assert back["bpd_mm"] == pytest.approx(res["bpd_mm"], abs=1e-9)
+    assert back["ofd_mm"] == pytest.approx(res["ofd_mm"], abs=1e-9)
+    assert back["ga_weeks"] == pytest.approx(res["ga_weeks"], abs=1e-9)
     assert back["qc_ok"] == res["qc_ok"] and any(res["spacing_source"] in t for t in back["texts"])
     assert res["hc_mm"] == pytest.approx(record.hc_mm, rel=0.05)
     # The four SCOORD points are the ellipse's axis end points: an ellipse through them (and the symmetric
@@ -99,7 +99,7 @@ def test_corrected_label_sr_and_manual_seg(tmp_path, record):
     for f in ("sr.dcm", "seg.dcm"):
         assert dciodvfy_errors(tmp_path / f) == [], f
     back = read_sr(tmp_path / "sr.dcm")
-    assert back["hc_mm"] == pytest.approx(m.hc_mm, abs=0.005)
+    assert back["hc_mm"] == pytest.approx(m.hc_mm, abs=5e-4)
     assert any("clinician-corrected" in t for t in back["texts"])
     seg_item = pydicom.dcmread(tmp_path / "seg.dcm").SegmentSequence[0]
     assert seg_item.SegmentAlgorithmType == "MANUAL" and "SegmentationAlgorithmIdentificationSequence" not in seg_item
@@ -150,5 +150,5 @@ def test_cli_dicom_out_writes_seg_and_sr_per_dicom_input(tmp_path, record, defau
     res = {Path(r["file"]).name: r for r in json.loads((tmp_path / "out" / "measurements.json").read_text())}
     for f in ("us_seg.dcm", "us_sr.dcm"):
         assert dciodvfy_errors(tmp_path / "dcm" / f) == [], f
-    assert read_sr(tmp_path / "dcm" / "us_sr.dcm")["hc_mm"] == pytest.approx(res["us.dcm"]["hc_mm"], abs=0.005)
+    assert read_sr(tmp_path / "dcm" / "us_sr.dcm")["hc_mm"] == pytest.approx(res["us.dcm"]["hc_mm"], abs=1e-9)
     assert read_seg(tmp_path / "dcm" / "us_seg.dcm").mask.sum() > 1000

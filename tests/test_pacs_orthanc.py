@@ -19,7 +19,7 @@ from dicom_tools import dciodvfy_errors
 from fetalhc import hc18
 from fetalhc.dicom_out import NOT_DICOM, read_seg, read_sr
 from fetalhc.dicomgen import write_us_dicom
-from fetalhc.io import load_image
+from fetalhc.io import load_image, save_label_like
 from fetalhc.pipeline import measure_mask
 from monailabel_support import SAMPLES, app_client, model_for_tests
 from test_monailabel_orthanc import ORTHANC, _http, orthanc  # noqa: F401  (the Orthanc fixture)
@@ -30,17 +30,19 @@ pytestmark = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installe
 
 @pytest.fixture(scope="module")
 def study(orthanc, tmp_path_factory):  # noqa: F811
-    """Two calibrated US series of one study (HC18 images with their real pixel size)."""
+    """Calibrated US series of one study (HC18 images with their real pixel size), one of them a 3-frame cine
+    (frame k is the image rolled k pixels to the right)."""
     recs = {r.name: r for r in hc18.read_records(SAMPLES)}
     folder = tmp_path_factory.mktemp("pacs_dicom")
     study_uid = pydicom.uid.generate_uid()
     series = {}
-    for name, calibration in (("459_HC.png", "us_region"), ("399_HC.png", "pixel_spacing")):
-        r = recs[name]
-        f = write_us_dicom(folder / f"{r.name}.dcm", cv2.imread(str(r.image), cv2.IMREAD_GRAYSCALE),
-                           (r.pixel_mm, r.pixel_mm), calibration=calibration, study_uid=study_uid,
-                           patient_id="FETALHC-PACS", description=f"HC18 {name}")
-        series[name] = {"uid": str(pydicom.dcmread(f).SeriesInstanceUID), "file": f, "record": r}
+    cases = (("459_HC.png", "us_region", 1), ("399_HC.png", "pixel_spacing", 1), ("cine", "us_region", 3))
+    for key, calibration, frames in cases:
+        r = recs["459_HC.png" if key == "cine" else key]
+        f = write_us_dicom(folder / f"{key}.dcm", cv2.imread(str(r.image), cv2.IMREAD_GRAYSCALE),
+                           (r.pixel_mm, r.pixel_mm), calibration=calibration, study_uid=study_uid, frames=frames,
+                           patient_id="FETALHC-PACS", description=f"HC18 {r.name} {calibration} x{frames}")
+        series[key] = {"uid": str(pydicom.dcmread(f).SeriesInstanceUID), "file": f, "record": r}
         _http(orthanc + "/instances", f.read_bytes(), "POST")
     return {"study_uid": study_uid, "series": series}
 
@@ -93,7 +95,7 @@ def test_pacs_round_trip_then_training_from_pacs_labels(orthanc, study, tmp_path
         assert res["pacs"]["sr_sop_instance_uid"] and res["pacs"]["seg_sop_instance_uid"] is None
         sr = read_sr(_fetch(orthanc, study["study_uid"], res["pacs"]["sr_sop_instance_uid"], tmp_path))
         if res["hc_mm"] is not None:
-            assert sr["hc_mm"] == pytest.approx(res["hc_mm"], abs=0.005)
+            assert sr["hc_mm"] == pytest.approx(res["hc_mm"], abs=1e-9)
         plain = c.post(f"/infer/fetal_head?image={first['uid']}&output=json").json()
         assert "pacs" not in plain  # off by default
 
@@ -103,29 +105,39 @@ def test_pacs_round_trip_then_training_from_pacs_labels(orthanc, study, tmp_path
                   files={"label": ("label.png", _png(np.ones((50, 60))))})
         assert r.status_code == 422 and "pixels" in r.text and _count(orthanc, "SEG") == segs
 
-        # Corrected final labels (HC18 ground truth) -> SEG + SR in PACS.
+        # Corrected final labels (HC18 ground truth) -> SEG + SR in PACS: a PNG label, an NRRD label the way
+        # Slicer sends it, and a label of frame 2 of the cine.
         saved = {}
         for name, s in study["series"].items():
-            gt = hc18.gt_mask(s["record"]).astype(np.uint8)
-            r = c.put(f"/datastore/label?image={s['uid']}&tag=final",
-                      data={"params": json.dumps({"store_sr": name == "459_HC.png",
-                                                  "model_version": res["model_version"]})},
-                      files={"label": ("label.png", _png(gt))})
+            frame = 2 if name == "cine" else 0
+            gt = np.roll(hc18.gt_mask(s["record"]).astype(np.uint8), frame, axis=1)
+            params = {"store_sr": name != "399_HC.png", "model_version": res["model_version"], "frame": frame}
+            if name == "399_HC.png":
+                upload = ("label.nrrd", save_label_like(gt, s["file"], tmp_path / "label.nrrd").read_bytes())
+                params.pop("model_version")  # drawn by hand: a MANUAL segment
+            else:
+                upload = ("label.png", _png(gt))
+            r = c.put(f"/datastore/label?image={s['uid']}&tag=final", data={"params": json.dumps(params)},
+                      files={"label": upload})
             assert r.status_code == 200, r.text
             pacs = r.json()["pacs"]
             assert set(pacs) >= {"seg_sop_instance_uid", "sr_sop_instance_uid", "series_instance_uid"}
-            seg = read_seg(_fetch(orthanc, study["study_uid"], pacs["seg_sop_instance_uid"], tmp_path))
-            assert np.array_equal(seg.mask, gt) and seg.source_series_uid == s["uid"]
+            seg_file = _fetch(orthanc, study["study_uid"], pacs["seg_sop_instance_uid"], tmp_path)
+            seg = read_seg(seg_file)
+            assert np.array_equal(seg.mask, gt) and seg.source_series_uid == s["uid"] and seg.frame == frame
+            kind = pydicom.dcmread(seg_file).SegmentSequence[0].SegmentAlgorithmType
+            assert kind == ("MANUAL" if name == "399_HC.png" else "SEMIAUTOMATIC")
+            if pacs["sr_sop_instance_uid"]:
+                sr = read_sr(_fetch(orthanc, study["study_uid"], pacs["sr_sop_instance_uid"], tmp_path))
+                assert sr["frame"] == frame and sr["hc_mm"] == pytest.approx(s["record"].hc_mm, rel=0.01)
             saved[name] = (gt, pacs)
         gt, pacs = saved["459_HC.png"]
         img = load_image(first["file"])
         expected = measure_mask(gt, img.spacing, spacing_at=img.spacing_at)
         sr = read_sr(_fetch(orthanc, study["study_uid"], pacs["sr_sop_instance_uid"], tmp_path))
-        assert sr["hc_mm"] == pytest.approx(expected.hc_mm, abs=0.005)
+        assert sr["hc_mm"] == pytest.approx(expected.hc_mm, abs=5e-4)
         assert sr["hc_mm"] == pytest.approx(first["record"].hc_mm, rel=0.01)
         assert saved["399_HC.png"][1]["sr_sop_instance_uid"] is None
-        seg_dump = pydicom.dcmread(_fetch(orthanc, study["study_uid"], pacs["seg_sop_instance_uid"], tmp_path))
-        assert seg_dump.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
         mp.undo()
 
         # A new server with an empty cache: the labels come from PACS and training uses them.
@@ -143,7 +155,8 @@ def test_pacs_round_trip_then_training_from_pacs_labels(orthanc, study, tmp_path
         r = c.post("/train/fetal_head?run_sync=true", json={"max_epochs": 1, "augment": False, "val_split": 0.5})
         assert r.status_code == 200, r.text
         stats = r.json()
-        assert stats["status"] == "DONE" and stats["train_images"] + stats["val_images"] == 2
+        assert stats["status"] == "DONE" and stats["train_images"] + stats["val_images"] == 3
+        assert not stats["skipped"]  # the cine label is used with its own frame
     finally:
         mp.undo()
 
@@ -158,6 +171,33 @@ def test_store_sr_needs_a_dicom_study(orthanc, study, tmp_path_factory, tiny_run
         r = c.post("/infer/fetal_head?output=json", data={"params": json.dumps({"store_sr": True})},
                    files={"file": ("459_HC.png", png.read_bytes())})
         assert 400 <= r.status_code < 500 and NOT_DICOM in r.text, r.text
+        dcm = study["series"]["459_HC.png"]["file"]
+        r = c.post("/infer/fetal_head?output=json", data={"params": json.dumps({"store_sr": True})},
+                   files={"file": ("us.dcm", dcm.read_bytes())})
+        assert r.status_code == 400 and "needs a study of the DICOMweb datastore" in r.text, r.text
         assert _count(orthanc, "SR") == srs
+    finally:
+        mp.undo()
+
+
+def test_pacs_refusing_the_seg_loses_no_label(orthanc, study, tmp_path_factory, tiny_run):  # noqa: F811
+    """A PACS whose STOW-RS endpoint answers 404 (wrong MONAI_LABEL_STOW_PREFIX): 502, the label is kept."""
+    root = tmp_path_factory.mktemp("pacs_app_nostow")
+    mp = pytest.MonkeyPatch()
+    try:
+        c = app_client(mp, f"{orthanc}/dicom-web", root / "model", model_for_tests(tiny_run),
+                       extra_settings={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": {"Modality": "US"},
+                                       "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"),
+                                       "MONAI_LABEL_STOW_PREFIX": "no-such-stow"})
+        s = study["series"]["399_HC.png"]
+        gt = np.roll(hc18.gt_mask(s["record"]).astype(np.uint8), 5, axis=0)  # not what PACS may already hold
+        segs = _count(orthanc, "SEG")
+        r = c.put(f"/datastore/label?image={s['uid']}&tag=final", files={"label": ("label.png", _png(gt))})
+        assert r.status_code == 502 and "kept in the server cache" in r.text, r.text
+        assert _count(orthanc, "SEG") == segs
+        info = c.get(f"/datastore/label/info?label={s['uid']}&tag=final").json()
+        assert "pacs_error" in info and "pacs" not in info
+        r = c.get(f"/datastore/label?label={s['uid']}&tag=final")  # not replaced by an older SEG from PACS
+        assert np.array_equal(cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED), gt)
     finally:
         mp.undo()

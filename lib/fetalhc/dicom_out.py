@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from . import __version__
 
@@ -49,10 +49,15 @@ def read_source(path) -> Dataset:
     import pydicom
     from pydicom.errors import InvalidDicomError
     try:
-        ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, IsADirectoryError, OSError, EOFError) as exc:
+        try:
+            ds = pydicom.dcmread(str(path))
+        except InvalidDicomError:  # no preamble (some PACS exports): a DICOM only if it reads as one
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(path), force=True)
+    except Exception as exc:  # anything pydicom cannot parse is simply not DICOM here
         raise DicomOutError(f"{Path(path).name}: {NOT_DICOM} ({type(exc).__name__})") from None
-    if "SOPClassUID" not in ds or "PixelData" not in ds or "StudyInstanceUID" not in ds:
+    if not all(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Rows", "PixelData")):
         raise DicomOutError(f"{Path(path).name}: {NOT_DICOM} (not a DICOM image instance)")
     return ds
 
@@ -99,8 +104,9 @@ def write_seg(source: Dataset, mask: np.ndarray, out_path=None, *, frame: int = 
         segmented_property_type=PROPERTY, algorithm_type=kind, algorithm_identification=algorithm,
         tracking_uid=generate_uid(), tracking_id="fetal head")
     seg = hd.seg.Segmentation(
-        source_images=[_one_frame(source)], pixel_array=binary, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment], series_instance_uid=series_uid or generate_uid(),
+        source_images=[_one_frame(source)], pixel_array=binary,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
+        series_instance_uid=series_uid or generate_uid(),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="FetalHC",
         software_versions=_software(model_version), device_serial_number="0",
@@ -167,12 +173,12 @@ def write_sr(source: Dataset, result: dict, out_path=None, *, frame: int = 0, ma
         graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=ellipse_points(result["ellipse_px"]),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source, frames))
     mm = hd.sr.CodedConcept.from_code(codes.UCUM.Millimeter)
-    measurements = [hd.sr.Measurement(name=name, value=round(float(result[key]), 2), unit=mm,
-                                      algorithm_id=None if manual else algorithm)
+    # Values as the result gives them (to_dict rounds to 0.001), so the SR reads back exactly.
+    measurements = [hd.sr.Measurement(name=name, value=round(float(result[key]), 3), unit=mm, algorithm_id=algorithm)
                     for name, key in ((HC, "hc_mm"), (BPD, "bpd_mm"), (OFD, "ofd_mm")) if result.get(key) is not None]
     if result.get("ga_valid") and result.get("ga_weeks") is not None:
-        measurements.append(hd.sr.Measurement(name=GA, value=round(float(result["ga_weeks"]), 2),
-                                              unit=codes.UCUM.Week, method=HADLOCK_HC))
+        measurements.append(hd.sr.Measurement(name=GA, value=round(float(result["ga_weeks"]), 3),
+                                              unit=codes.UCUM.Week, method=HADLOCK_HC, algorithm_id=algorithm))
     qc = hd.sr.QualitativeEvaluation(QC_NAME, QC_PASS if result.get("qc_ok") else QC_FAIL)
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="fetal head ellipse"),
@@ -258,8 +264,9 @@ def read_sr(sr) -> dict:
         out[key] = float(found[0].value) if found else None
     qc = g.get_qualitative_evaluations(name=QC_NAME)
     out["qc_ok"] = bool(qc) and qc[0].value == QC_PASS
-    out["texts"] = [str(i.TextValue) for i in g[0].ContentSequence if i.ValueType == "TEXT"
-                    and i.ConceptNameCodeSequence[0].CodeValue in (codes.DCM.Comment.value, codes.DCM.Calibration.value)]
+    notes = (codes.DCM.Comment.value, codes.DCM.Calibration.value)
+    out["texts"] = [str(i.TextValue) for i in g[0].ContentSequence
+                    if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue in notes]
     out["ellipse_points_px"] = np.asarray(g.roi.value, float) - 0.5
     image = g.roi.ContentSequence[0].ReferencedSOPSequence[0]  # the SELECTED FROM image item
     out["source_sop_instance_uid"] = str(image.ReferencedSOPInstanceUID)

@@ -95,7 +95,7 @@ class MyApp(MONAILabelApp):
                 raise http_error(404, f"unknown image id {image!r}")
             datastore.get_image_uri(image)  # 404 for an unknown DICOMweb series
             request = {**request, "image_info": datastore.get_image_info(image)}
-        store_sr = check_store_sr(request, datastore)  # 4xx before inferring when there is no PACS study
+        store_sr = check_store_sr(request, datastore, image)  # 4xx before inferring without a PACS study
         res = super().infer(request, datastore)
         if store_sr:
             frame = number(request.get("frame"), "frame", 0, 1e6, integer=True) or 0

@@ -21,11 +21,11 @@ from fetalhc.dicom_out import NOT_DICOM, read_seg, read_sr
 from fetalhc.dicomgen import write_us_dicom
 from fetalhc.io import load_image, save_label_like
 from fetalhc.pipeline import measure_mask
-from monailabel_support import SAMPLES, app_client, model_for_tests
+from monailabel_support import SAMPLES, app_client, make_studies, model_for_tests
 from test_monailabel_orthanc import ORTHANC, _http, orthanc  # noqa: F401  (the Orthanc fixture)
 
-pytestmark = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc "
-                                                        "orthanc-dicomweb)")
+needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc "
+                                                           "orthanc-dicomweb)")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def _count(orthanc, modality):  # noqa: F811
     return len(_dicomweb(orthanc).search_for_series(search_filters={"Modality": modality}))
 
 
+@needs_orthanc
 def test_pacs_round_trip_then_training_from_pacs_labels(orthanc, study, tmp_path, tmp_path_factory,  # noqa: F811
                                                         tiny_run):
     first = study["series"]["459_HC.png"]
@@ -161,6 +162,7 @@ def test_pacs_round_trip_then_training_from_pacs_labels(orthanc, study, tmp_path
         mp.undo()
 
 
+@needs_orthanc
 def test_store_sr_needs_a_dicom_study(orthanc, study, tmp_path_factory, tiny_run):  # noqa: F811
     root = tmp_path_factory.mktemp("pacs_app_bad")
     mp = pytest.MonkeyPatch()
@@ -180,6 +182,7 @@ def test_store_sr_needs_a_dicom_study(orthanc, study, tmp_path_factory, tiny_run
         mp.undo()
 
 
+@needs_orthanc
 def test_pacs_refusing_the_seg_loses_no_label(orthanc, study, tmp_path_factory, tiny_run):  # noqa: F811
     """A PACS whose STOW-RS endpoint answers 404 (wrong MONAI_LABEL_STOW_PREFIX): 502, the label is kept."""
     root = tmp_path_factory.mktemp("pacs_app_nostow")
@@ -199,5 +202,22 @@ def test_pacs_refusing_the_seg_loses_no_label(orthanc, study, tmp_path_factory, 
         assert "pacs_error" in info and "pacs" not in info
         r = c.get(f"/datastore/label?label={s['uid']}&tag=final")  # not replaced by an older SEG from PACS
         assert np.array_equal(cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED), gt)
+    finally:
+        mp.undo()
+
+
+def test_store_sr_on_a_folder_datastore_is_refused_and_saves_nothing(tmp_path, tiny_run):
+    """No PACS behind a folder datastore: a label asking for an SR is a clear 4xx, not a silent drop."""
+    ids = make_studies(tmp_path / "studies", n_images=2, n_final=0)
+    mp = pytest.MonkeyPatch()
+    try:
+        c = app_client(mp, tmp_path / "studies", tmp_path / "model", model_for_tests(tiny_run))
+        gt = hc18.gt_mask(hc18.read_records(SAMPLES)[0]).astype(np.uint8)
+        r = c.put(f"/datastore/label?image={ids[0]}&tag=final", data={"params": json.dumps({"store_sr": True})},
+                  files={"label": ("label.png", _png(gt))})
+        assert r.status_code == 415 and NOT_DICOM in r.text, r.text
+        assert not list((tmp_path / "studies" / "labels" / "final").glob(f"{ids[0]}.*"))  # nothing saved
+        r = c.post(f"/infer/fetal_head?image={ids[0]}&output=json", data={"params": json.dumps({"store_sr": True})})
+        assert r.status_code == 415 and NOT_DICOM in r.text, r.text
     finally:
         mp.undo()

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from lib.inputs import (IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, number, pixel_size,
                         series_file, suffix_of)
-from lib.pacs import Pacs
+from lib.pacs import Pacs, check_store_sr
 from lib.publish import atomic_copy
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class FetalLocalDatastore(LocalDatastore):
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         self._check_label(image_id, label_filename, label_tag)
+        check_store_sr(label_info or {}, self, image_id)  # an SR needs PACS: 4xx here rather than ignored
         # The file first (atomically: a crash leaves the previous label or none, never half of one), then the
         # entry; written by hand because LocalDatastore.save_label copies in place.
         ext = suffix_of(label_filename)

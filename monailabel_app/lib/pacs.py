@@ -51,13 +51,17 @@ class Pacs:
             if self._listing and time.monotonic() - self._listing[0] < LISTING_TTL_S:
                 return self._listing[1]
         latest: dict[str, RemoteSeg] = {}
-        for item in self.client.search_for_series(search_filters={"Modality": "SEG"}):
-            s = Dataset.from_json(item)
-            study, series = str(s.StudyInstanceUID), str(s.SeriesInstanceUID)
-            for meta in self.client.retrieve_series_metadata(study, series):
-                seg = self._describe(Dataset.from_json(meta), study, series)
-                if seg and (seg.image_series_uid not in latest or seg.stamp > latest[seg.image_series_uid].stamp):
-                    latest[seg.image_series_uid] = seg
+        try:
+            for item in self.client.search_for_series(search_filters={"Modality": "SEG"}):
+                s = Dataset.from_json(item)
+                study, series = str(s.StudyInstanceUID), str(s.SeriesInstanceUID)
+                for meta in self.client.retrieve_series_metadata(study, series):
+                    seg = self._describe(Dataset.from_json(meta), study, series)
+                    if seg and (seg.image_series_uid not in latest or seg.stamp > latest[seg.image_series_uid].stamp):
+                        latest[seg.image_series_uid] = seg
+        except Exception as exc:  # PACS unreachable: the cached labels still serve, with the reason logged
+            logger.warning(f"cannot list the SEGs in PACS ({type(exc).__name__}: {exc}); using cached labels only")
+            return self._listing[1] if self._listing else {}
         with self._lock:
             self._listing = (time.monotonic(), latest)
         return latest
@@ -84,18 +88,21 @@ class Pacs:
             raise DicomOutError(f"SEG {seg.sop_uid} in PACS cannot be decoded: {exc}") from None
 
 
-def check_store_sr(request: dict, datastore) -> bool:
-    """The infer option ``store_sr``: False, or True for a study of the DICOMweb datastore (else a 4xx)."""
+def check_store_sr(params: dict, datastore, image) -> bool:
+    """``store_sr`` of an infer request or a label's params: False, or True for a series of the DICOMweb
+    datastore; anything else is a 4xx before any work is done."""
     from monailabel.utils.others.generic import strtobool
 
     from lib.inputs import http_error
 
-    if not strtobool(str(request.get("store_sr") or False)):
+    if not strtobool(str(params.get("store_sr") or False)):
         return False
-    image = request.get("image")
-    if not hasattr(datastore, "store_sr") or not isinstance(image, str) or os.path.isabs(image):
-        if not isinstance(image, str) or file_kind(image) != "dicom":
-            raise http_error(415, f"store_sr: {NOT_DICOM}")
-        raise http_error(400, "store_sr stores the SR in PACS: it needs a study of the DICOMweb datastore "
-                              "(start the server with --studies http://<pacs>/dicom-web)")
-    return True
+    if not isinstance(image, str):
+        raise http_error(415, f"store_sr: {NOT_DICOM}")
+    if hasattr(datastore, "store_sr") and not os.path.isabs(image):
+        return True
+    path = image if os.path.isabs(image) else datastore.get_image_uri(image)
+    if file_kind(path) != "dicom":
+        raise http_error(415, f"store_sr: {NOT_DICOM}")
+    raise http_error(400, "store_sr stores the SR in PACS: it needs a study of the DICOMweb datastore "
+                          "(start the server with --studies http://<pacs>/dicom-web)")

@@ -97,9 +97,9 @@ class MyApp(MONAILabelApp):
             request = {**request, "image_info": datastore.get_image_info(image)}
         store_sr = check_store_sr(request, datastore, image)  # 4xx before inferring without a PACS study
         res = super().infer(request, datastore)
-        if store_sr:
+        if store_sr:  # the measurement stands even where PACS cannot take its SR (then pacs_error says why)
             frame = number(request.get("frame"), "frame", 0, 1e6, integer=True) or 0
-            res["params"]["pacs"] = datastore.store_sr(image, res["params"], frame)
+            res["params"].update(datastore.store_sr(image, res["params"], frame))
         return res
 
     def on_save_label(self, image_id, label_id):

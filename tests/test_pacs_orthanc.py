@@ -31,7 +31,7 @@ needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not insta
 @pytest.fixture(scope="module")
 def study(orthanc, tmp_path_factory):  # noqa: F811
     """Calibrated US series of one study (HC18 images with their real pixel size), one of them a 3-frame cine
-    (frame k is the image rolled k pixels to the right)."""
+    (frame k is the image rolled k pixels to the right), and a blank frame (no head)."""
     recs = {r.name: r for r in hc18.read_records(SAMPLES)}
     folder = tmp_path_factory.mktemp("pacs_dicom")
     study_uid = pydicom.uid.generate_uid()
@@ -44,7 +44,10 @@ def study(orthanc, tmp_path_factory):  # noqa: F811
                            patient_id="FETALHC-PACS", description=f"HC18 {r.name} {calibration} x{frames}")
         series[key] = {"uid": str(pydicom.dcmread(f).SeriesInstanceUID), "file": f, "record": r}
         _http(orthanc + "/instances", f.read_bytes(), "POST")
-    return {"study_uid": study_uid, "series": series}
+    blank = write_us_dicom(folder / "blank.dcm", np.zeros((240, 320), np.uint8), (0.2, 0.2), study_uid=study_uid,
+                           patient_id="FETALHC-PACS", description="blank frame")
+    _http(orthanc + "/instances", blank.read_bytes(), "POST")
+    return {"study_uid": study_uid, "series": series, "blank": str(pydicom.dcmread(blank).SeriesInstanceUID)}
 
 
 def _client(mp, orthanc, root, tiny_run):  # noqa: F811
@@ -177,6 +180,13 @@ def test_store_sr_needs_a_dicom_study(orthanc, study, tmp_path_factory, tiny_run
         r = c.post("/infer/fetal_head?output=json", data={"params": json.dumps({"store_sr": True})},
                    files={"file": ("us.dcm", dcm.read_bytes())})
         assert r.status_code == 400 and "needs a study of the DICOMweb datastore" in r.text, r.text
+        assert _count(orthanc, "SR") == srs
+        # A blank frame: no head, so no SR; the measurement is still the answer, and says why.
+        r = c.post(f"/infer/fetal_head?image={study['blank']}&output=json",
+                   data={"params": json.dumps({"store_sr": True})})
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["qc"] == "no head found" and res["pacs"] is None and "no head" in res["pacs_error"]
         assert _count(orthanc, "SR") == srs
     finally:
         mp.undo()

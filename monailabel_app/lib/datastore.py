@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import cv2
+from fastapi import HTTPException
 from fetalhc.dicom_out import DicomOutError, read_source, write_seg, write_sr
 from fetalhc.pipeline import measure_mask
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -157,10 +158,20 @@ class FetalDICOMWebDatastore(FetalLocalDatastore, DICOMWebDatastore):
         return path, read_source(path)
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
-        """A final label: SEG (and with ``store_sr`` an SR of the mask's measurement) built and checked first,
-        then kept locally, then stored in PACS; the answer's label info carries ``pacs``."""
         if label_tag != DefaultLabelTag.FINAL:
             return FetalLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        try:
+            return self._save_final(image_id, label_filename, label_info)
+        except HTTPException:
+            # MONAI Label removes its upload in a background task, which an error response never runs.
+            if Path(label_filename).resolve().parent == Path(tempfile.gettempdir()).resolve():
+                Path(label_filename).unlink(missing_ok=True)
+            raise
+
+    def _save_final(self, image_id, label_filename, label_info):
+        """SEG (and with ``store_sr`` an SR of the mask's measurement) built and checked first, then the label
+        kept locally, then both stored in PACS; the label info (and so the PUT answer) carries ``pacs``."""
+        label_tag = DefaultLabelTag.FINAL
         self._check_label(image_id, label_filename, label_tag)
         info = {k: v for k, v in (label_info or {}).items() if k not in ("pacs", "pacs_error")}
         frame = number(info.get("frame"), "frame", 0, 1e6, integer=True) or 0
@@ -193,18 +204,20 @@ class FetalDICOMWebDatastore(FetalLocalDatastore, DICOMWebDatastore):
         return label_id
 
     def store_sr(self, image_id, result: dict, frame: int = 0) -> dict:
-        """The AI measurement (infer result) as an SR in PACS; returns the ``pacs`` dict."""
+        """The AI measurement (infer result) as an SR in PACS: ``{"pacs": {...}}``, or ``{"pacs": None,
+        "pacs_error": why}`` (no head, PACS down): the measurement itself is still the answer."""
         _, source = self.source(image_id)
         try:
             sr = write_sr(source, result, frame=frame)
-        except DicomOutError as exc:
-            raise http_error(422, f"SR not stored: {exc}") from None
-        try:
             self.pacs.store(sr)
+        except DicomOutError as exc:
+            return {"pacs": None, "pacs_error": f"SR not stored: {exc}"}
         except Exception as exc:
-            raise http_error(502, f"PACS did not store the SR ({type(exc).__name__}: {exc})") from None
-        return {"seg_sop_instance_uid": None, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-                "series_instance_uid": str(sr.SeriesInstanceUID), "study_instance_uid": str(sr.StudyInstanceUID)}
+            logger.warning(f"{image_id}: PACS did not store the SR: {exc}")
+            return {"pacs": None, "pacs_error": f"PACS did not store the SR ({type(exc).__name__}: {exc})"}
+        return {"pacs": {"seg_sop_instance_uid": None, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+                         "series_instance_uid": str(sr.SeriesInstanceUID),
+                         "study_instance_uid": str(sr.StudyInstanceUID)}}
 
     def _sync_label(self, image_id) -> None:
         """Fetch the latest SEG from PACS unless the cache holds it, or holds a label PACS never got."""

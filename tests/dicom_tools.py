@@ -6,6 +6,7 @@ not ours to use (not root), and fails when root should have had it installed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -28,6 +29,14 @@ def dciodvfy_errors(path) -> list[str]:
 
 
 def dsrdump(path) -> str:
-    p = subprocess.run([require("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    """dcmtk's reading of an SR, with every code and template id printed; it must read without complaint."""
+    p = subprocess.run([require("dsrdump"), "+Pc", "+Pt", str(path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
     return p.stdout
+
+
+def dsrdump_num(dump: str, code: str) -> tuple[float, str]:
+    """(value, unit code) of the NUM item with concept code ``code`` in a dsrdump +Pc listing."""
+    m = re.search(rf'NUM:\({re.escape(code)},LN,"[^"]*"\)="([^"]+)" \(([^,]+),UCUM', dump)
+    assert m, f"no NUM {code} in:\n{dump}"
+    return float(m.group(1)), m.group(2)

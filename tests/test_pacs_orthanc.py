@@ -15,7 +15,7 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from dicom_tools import dciodvfy_errors
+from dicom_tools import dciodvfy_errors, dsrdump
 from fetalhc import hc18
 from fetalhc.dicom_out import NOT_DICOM, read_seg, read_sr
 from fetalhc.dicomgen import write_us_dicom
@@ -71,6 +71,8 @@ def _fetch(orthanc, study_uid, sop_uid, tmp_path):  # noqa: F811
     path = tmp_path / f"{sop_uid}.dcm"
     ds.save_as(str(path), write_like_original=False)
     assert dciodvfy_errors(path) == [], path
+    if ds.Modality == "SR":
+        dsrdump(path)  # dcmtk reads it
     return path
 
 

@@ -23,8 +23,9 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.task import AsyncTask
 
 from lib.configs.fetal_head import FetalHeadConfig
-from lib.datastore import DCMQI, NO_DCMQI, FetalDICOMWebDatastore, FetalLocalDatastore, has_dcmqi
+from lib.datastore import FetalDICOMWebDatastore, FetalLocalDatastore
 from lib.inputs import check_id, http_error, number
+from lib.pacs import check_store_sr
 
 logger = logging.getLogger(__name__)
 CONFIGS = {"fetal_head": FetalHeadConfig}
@@ -62,15 +63,12 @@ class MyApp(MONAILabelApp):
             url=self.studies, session=create_session_from_user_pass(user, password) if user and password else None,
             qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX, wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
-        self._download_dcmqi_tools()
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or "").strip()
         return FetalDICOMWebDatastore(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache or None,
                                       settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
 
     def _download_dcmqi_tools(self):
-        """MONAI Label downloads dcmqi from GitHub here; hospitals often have no internet, so only check."""
-        if not has_dcmqi(self.app_dir):
-            logger.warning(f"{NO_DCMQI}. Install dcmqi ({DCMQI}) to write final labels back to PACS.")
+        """MONAI Label downloads dcmqi from GitHub here; FetalHC writes DICOM SEG in Python (highdicom)."""
 
     # -------------------------------------------------------------------------------------------- tasks
     def init_infers(self):
@@ -97,13 +95,18 @@ class MyApp(MONAILabelApp):
                 raise http_error(404, f"unknown image id {image!r}")
             datastore.get_image_uri(image)  # 404 for an unknown DICOMweb series
             request = {**request, "image_info": datastore.get_image_info(image)}
-        return super().infer(request, datastore)
+        store_sr = check_store_sr(request, datastore, image)  # 4xx before inferring without a PACS study
+        res = super().infer(request, datastore)
+        if store_sr:  # the measurement stands even where PACS cannot take its SR (then pacs_error says why)
+            frame = number(request.get("frame"), "frame", 0, 1e6, integer=True) or 0
+            res["params"].update(datastore.store_sr(image, res["params"], frame))
+        return res
 
     def on_save_label(self, image_id, label_id):
         res = {}
         info = self.datastore().get_label_info(label_id, DefaultLabelTag.FINAL)
-        if "dicom_seg" in info:
-            res["warning"] = info["dicom_seg"]
+        if "pacs" in info:
+            res["pacs"] = info["pacs"]
         every = number(self.conf.get("auto_train_every"), "auto_train_every", 0, 1e6, integer=True)
         if every:
             res["auto_train"] = self._maybe_auto_train(every)

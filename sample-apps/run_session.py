@@ -8,7 +8,8 @@ plugin and uploads the ultrasound DICOMs (PACS variant), starts the MONAI Label 
 monailabel_app, then over the REST API (monailabel.client): infers every study and prints HC, GA, QC and
 where the pixel spacing came from, next to the expert HC of the HC18 CSV; saves the HC18 ground-truth
 ellipse as the corrected final label of the two worst-measured images; fine-tunes the model for one epoch;
-checks that the served model version changed; asks strategy ``hc_uncertainty`` for the next sample.
+checks that the served model version changed; asks strategy ``hc_uncertainty`` for the next sample; on PACS,
+finds the corrected studies' DICOM SEG and SR in Orthanc (QIDO, WADO) and prints how to see them.
 Everything is torn down at the end, also on error or Ctrl-C (--keep keeps the temp folder and its logs).
 Exit status 0 only when every step passed.
 """
@@ -83,6 +84,8 @@ class Session:
         self.work = Path(tempfile.mkdtemp(prefix="fetalhc-session-"))
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.client: MONAILabelClient | None = None
+        self.pacs_url: str | None = None  # DICOMweb root of the session's Orthanc (PACS variant)
+        self.stored: dict[str, dict] = {}  # study id -> the `pacs` answer of its final label
 
     # ----------------------------------------------------------------------------------------- plumbing
     def say(self, text: str = "") -> None:
@@ -210,12 +213,40 @@ class Session:
             src = self.work / "data" / s.file
             label = self.work / "labels" / f"{src.name.split('.')[0]}{label_suffix(src)}"
             save_label_like(hc18.gt_mask(recs[s.image]), src, label)
-            res = self.client.save_label(s.study_id, str(label), tag="final")
+            # On PACS the final label becomes a DICOM SEG, and store_sr adds an SR of the corrected HC.
+            params = {"store_sr": True, "model_version": results[s.study_id].get("model_version")} \
+                if self.pacs_url else {}
+            res = self.client.save_label(s.study_id, str(label), tag="final", params=params)
             self.say(f"saved corrected label for {Path(s.file).name}: the expert ellipse (HC {s.hc_mm_csv} mm), "
-                     "tag final")
-        if res.get("warning"):
-            self.say(f"  note from the server: {res['warning']}")
+                     "tag final" + (f"; PACS: SEG {res['pacs']['seg_sop_instance_uid']}, "
+                                    f"SR {res['pacs']['sr_sop_instance_uid']}" if res.get("pacs") else ""))
+            if self.pacs_url and not (res.get("pacs") or {}).get("sr_sop_instance_uid"):
+                raise StepError(f"the server did not store the SEG and SR in PACS: {res}")
+            self.stored[s.study_id] = res.get("pacs")
         return picked
+
+    def show_pacs_results(self, picked: list[Study]) -> None:
+        """The SEG and SR of each corrected study, found in Orthanc by QIDO and read back by WADO."""
+        from dicomweb_client import DICOMwebClient
+        from fetalhc.dicom_out import read_sr
+
+        web = DICOMwebClient(self.pacs_url)
+        base = self.pacs_url.rsplit("/dicom-web", 1)[0]
+        for s in picked:
+            pacs = self.stored[s.study_id]
+            study = pacs["study_instance_uid"]
+            found = {m: web.search_for_series(study, search_filters={"Modality": m}) for m in ("SEG", "SR")}
+            sr_hits = web.search_for_instances(study, search_filters={"SOPInstanceUID": pacs["sr_sop_instance_uid"]})
+            seg_hits = web.search_for_instances(study, search_filters={"SOPInstanceUID": pacs["seg_sop_instance_uid"]})
+            if not sr_hits or not seg_hits:
+                raise StepError(f"SEG/SR of {Path(s.file).name} not found in Orthanc (QIDO)")
+            sr_series = sr_hits[0]["0020000E"]["Value"][0]
+            hc = read_sr(web.retrieve_instance(study, sr_series, pacs["sr_sop_instance_uid"]))["hc_mm"]
+            self.say(f"  {Path(s.file).name}: in Orthanc {len(found['SEG'])} SEG and {len(found['SR'])} SR series; "
+                     f"SR HC {hc:.1f} mm (expert {s.hc_mm_csv} mm)")
+            print(f"      QIDO: curl '{self.pacs_url}/studies/{study}/series?Modality=SEG'  (and Modality=SR)")
+        print(f"      Orthanc explorer: {base}/app/explorer.html (while the session runs; with --keep, restart "
+              f"Orthanc on the kept storage: Orthanc {self.work / 'orthanc.json'})")
 
     def train(self) -> dict:
         params = {"max_epochs": self.args.epochs, "train_batch_size": 2, "publish": "always", "augment": False}
@@ -272,6 +303,7 @@ class Session:
         self.say(f"built {len(manifest)} demo files; this session uses {len(studies)} "
                  f"{'ultrasound DICOM series' if pacs else 'folder studies'}")
         uri = self.start_orthanc(studies) if pacs else str(self.work / "data" / "studies")
+        self.pacs_url = uri if pacs else None
         self.start_monailabel(uri)
         before = self.infer_all(studies, "1. measure")
         picked = self.save_corrections(studies, before)
@@ -285,6 +317,9 @@ class Session:
         nxt = self.next_sample()
         name = next((Path(s.file).name for s in studies if s.study_id == nxt["id"]), nxt["id"])
         self.say(f"3. next sample to correct ({STRATEGY}): {name} (uncertainty {nxt.get(STRATEGY)})")
+        if pacs:
+            self.say("4. results in PACS: DICOM SEG (corrected head mask) and SR (HC report) of the corrected studies")
+            self.show_pacs_results(picked)
 
 
 def _interrupt(*_):

@@ -127,6 +127,12 @@ def test_pacs_session(model):
         hc.setdefault(study.split("_")[0], []).append(float(value))
     assert all(max(v) - min(v) <= 0.15 for v in hc.values()), hc  # 0.1 mm, printed to 0.1 mm
     assert out.count(SRC_US_REGION) >= 6 and SRC_PIXEL_SPACING in out
+    # The corrected studies end as SEG + SR in Orthanc; the SR's HC is that of the corrected (expert) mask.
+    assert "4. results in PACS" in out and "Orthanc explorer: http://127.0.0.1:" in out
+    found = re.findall(r"in Orthanc (\d+) SEG and (\d+) SR series; SR HC ([\d.]+) mm \(expert ([\d.]+) mm\)", out)
+    assert len(found) == 2, out
+    for seg, sr, hc, expert in found:
+        assert int(seg) >= 1 and int(sr) >= 1 and abs(float(hc) - float(expert)) <= 0.01 * float(expert) + 0.1
 
 
 def test_session_fails_cleanly_without_a_model(tmp_path):

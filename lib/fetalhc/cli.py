@@ -45,6 +45,8 @@ def _measure(args) -> int:
         results.append({"file": str(f), **m.to_dict()})
         if not args.no_overlay:
             cv2.imwrite(str(out / f"{Path(f).stem}_overlay.png"), render(img.pixels, m, name))
+        if args.dicom_out:
+            failures += not _dicom_out(f, img, m, Path(args.dicom_out), args.frame)
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(SUBMISSION_HEADER)
@@ -53,6 +55,30 @@ def _measure(args) -> int:
     print(f"wrote {out / 'predictions.csv'}, {out / 'measurements.json'}"
           + ("" if args.no_overlay else f" and {len(results)} overlay PNGs"), file=sys.stderr)
     return 1 if failures else 0
+
+
+def _dicom_out(f, img, m, folder: Path, frame: int) -> bool:
+    """SEG + SR of one measured file into ``folder``; False (with the reason printed) when it cannot be."""
+    from .dicom_out import NOT_DICOM, DicomOutError, read_source, write_seg, write_sr
+
+    name = Path(f).name
+    if img.meta.get("format") != "DICOM":
+        print(f"{name:28s} ERROR: {NOT_DICOM}: no SEG/SR written for this {img.meta.get('format', 'image')} file")
+        return False
+    if m.ellipse_px is None:
+        print(f"{name:28s} no SEG/SR written: {m.qc_text}")
+        return True
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = name.split(".")[0]
+    try:
+        source = read_source(f)
+        write_seg(source, m.mask, folder / f"{stem}_seg.dcm", frame=frame, model_version=m.model_version)
+        write_sr(source, m.to_dict(), folder / f"{stem}_sr.dcm", frame=frame)
+    except DicomOutError as exc:
+        print(f"{name:28s} ERROR: {exc}")
+        return False
+    print(f"{name:28s} wrote {folder / (stem + '_seg.dcm')} and {stem}_sr.dcm", file=sys.stderr)
+    return True
 
 
 def _train(args) -> int:
@@ -202,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ga-weeks", type=float, help="known GA in weeks: adds the INTERGROWTH-21st HC centile")
     m.add_argument("--score-threshold", type=float, default=0.5, help="below this the QC flags a low score")
     m.add_argument("--no-overlay", action="store_true")
+    m.add_argument("--dicom-out", metavar="DIR", help="also write a DICOM SEG (head mask) and SR (HC report) "
+                                                      "for each DICOM input into DIR")
     m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     m.set_defaults(func=_measure)
 

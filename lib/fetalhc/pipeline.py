@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .clinical import GestationalAge, biometry, hadlock_ga, hc_centile
-from .geometry import Ellipse, ellipse_agreement, fit_points, largest_component, region_boundary, touches_border
+from .geometry import (Ellipse, ellipse_agreement, fit_mask, fit_points, largest_component, region_boundary,
+                       touches_border)
 from .io import Spacing
 from .model import CheckpointError, detect, load_model
 
@@ -145,6 +146,40 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
             result["centile"] = hc_centile(hc, ga_weeks)
         except ValueError as exc:
             reasons.append(str(exc))
+    return _finish(result, reasons, t0)
+
+
+def measure_mask(mask: np.ndarray, spacing: Spacing | None, *,
+                 spacing_at: Callable[[float, float], Spacing | None] | None = None,
+                 model_version: str = "") -> Measurement:
+    """The measurement of a given mask (a clinician's corrected label): the same ellipse fit, HC and GA as
+    :func:`measure_image`, with the checks that apply to a mask nobody scored."""
+    t0 = time.perf_counter()
+    binary = largest_component(np.asarray(mask) > 0)
+    result = dict(mask=binary.astype(np.uint8), ellipse_px=None, ellipse_mm=None, hc_mm=None, hc_px=None,
+                  ga=hadlock_ga(None), score=1.0, spacing=spacing, model_version=model_version)
+    try:
+        ell_px, _ = fit_mask(binary)
+        if spacing_at is not None:
+            spacing = spacing_at(ell_px.cx, ell_px.cy) or spacing
+            result["spacing"] = spacing
+        ell_px, ell_mm = fit_mask(binary, spacing.as_tuple() if spacing else None)
+    except ValueError as exc:
+        return _finish(result, [f"no head in the mask ({exc})"], t0)
+    agreement = ellipse_agreement(binary, ell_px)
+    result.update(ellipse_px=ell_px, hc_px=ell_px.perimeter, extra={"mask_ellipse_dice": round(agreement, 4)})
+    reasons = []
+    if touches_border(ell_px, binary.shape):
+        reasons.append("head cut by the image border: HC extrapolated")
+    if agreement < MIN_ELLIPSE_AGREEMENT:
+        reasons.append(f"mask not elliptical (Dice {agreement:.3f} with its ellipse): check the outline")
+    if ell_mm is None:
+        reasons.append("pixel spacing unknown: no HC in mm")
+        return _finish(result, reasons, t0)
+    hc = ell_mm.perimeter
+    result.update(ellipse_mm=ell_mm, hc_mm=hc, ga=hadlock_ga(hc))
+    if not PLAUSIBLE_HC_MM[0] <= hc <= PLAUSIBLE_HC_MM[1]:
+        reasons.append(f"implausible HC {hc:.0f} mm for spacing {spacing.col_mm:.3f} mm ({spacing.source})")
     return _finish(result, reasons, t0)
 
 

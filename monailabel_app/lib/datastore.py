@@ -8,31 +8,35 @@ overwrite each other's entries.
 
 ``FetalDICOMWebDatastore`` (e.g. Orthanc with Modality US): series are kept as DICOM files, never converted
 to NIfTI (the conversion drops ultrasound-region calibration). Final labels go back to PACS as DICOM SEG
-when dcmqi's ``itkimage2segimage`` is installed; without it they are kept in the local cache only, with a
-clear warning, and used for training from there.
+through STOW-RS (highdicom, pure Python: no dcmqi), optionally with an SR of the mask's measurement, and are
+listed and read back from PACS, so training works from PACS labels after the local cache is lost.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
+from fastapi import HTTPException
+from fetalhc.dicom_out import DicomOutError, read_source, write_seg, write_sr
+from fetalhc.pipeline import measure_mask
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.utils.others.generic import strtobool
+from pydicom.dataset import Dataset
 
-from lib.inputs import IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, pixel_size, suffix_of
+from lib.inputs import (IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, number, pixel_size,
+                        series_file, suffix_of)
+from lib.pacs import Pacs, check_store_sr
 from lib.publish import atomic_copy
 
 logger = logging.getLogger(__name__)
 EXTENSIONS = [f"*{s}" for s in IMAGE_SUFFIXES]
-DCMQI = "itkimage2segimage"
-NO_DCMQI = (f"DICOM SEG not written: dcmqi's {DCMQI} is not installed (not on PATH nor in the app's bin/); "
-            "the final label is kept in the MONAI Label cache only and is used for training from there")
 
 
 class FetalLocalDatastore(LocalDatastore):
@@ -85,6 +89,7 @@ class FetalLocalDatastore(LocalDatastore):
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         self._check_label(image_id, label_filename, label_tag)
+        check_store_sr(label_info or {}, self, image_id)  # an SR needs PACS: 4xx here rather than ignored
         # The file first (atomically: a crash leaves the previous label or none, never half of one), then the
         # entry; written by hand because LocalDatastore.save_label copies in place.
         ext = suffix_of(label_filename)
@@ -120,11 +125,16 @@ class FetalLocalDatastore(LocalDatastore):
 
 
 class FetalDICOMWebDatastore(FetalLocalDatastore, DICOMWebDatastore):
-    """DICOMweb series as DICOM folders in the local cache; see the module docstring for final labels."""
+    """DICOMweb series as DICOM folders in the local cache; final labels are DICOM SEG in PACS (lib.pacs).
+
+    The local cache is only a cache: labelled images are those with a SEG in PACS (or a local label not yet
+    stored there), and a label missing from the cache, or older than the latest SEG in PACS, is fetched again.
+    """
 
     def __init__(self, client, search_filter, cache_path=None, fetch_by_frame=False):
         DICOMWebDatastore.__init__(self, client, search_filter, cache_path, fetch_by_frame, convert_to_nifti=False)
         self._watch_moves()
+        self.pacs = Pacs(client)
 
     def get_image_uri(self, image_id):
         check_id(image_id)
@@ -142,29 +152,118 @@ class FetalDICOMWebDatastore(FetalLocalDatastore, DICOMWebDatastore):
     def _require(self, image_id):
         self.get_image_uri(image_id)
 
+    def source(self, image_id) -> tuple[Path, Dataset]:
+        """The measured instance of a series (lowest InstanceNumber) as a file and a dataset."""
+        path = series_file(Path(self.get_image_uri(image_id)))
+        return path, read_source(path)
+
     def save_label(self, image_id, label_filename, label_tag, label_info):
-        if label_tag == DefaultLabelTag.FINAL and has_dcmqi():
-            self._check_label(image_id, label_filename, label_tag)
-            return DICOMWebDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
-        if label_tag == DefaultLabelTag.FINAL:
-            logger.warning(f"{image_id}: {NO_DCMQI}")
-            label_info = {**(label_info or {}), "dicom_seg": NO_DCMQI}
-        return FetalLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        if label_tag != DefaultLabelTag.FINAL:
+            return FetalLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        try:
+            return self._save_final(image_id, label_filename, label_info)
+        except HTTPException:
+            # MONAI Label removes its upload in a background task, which an error response never runs.
+            if Path(label_filename).resolve().parent == Path(tempfile.gettempdir()).resolve():
+                Path(label_filename).unlink(missing_ok=True)
+            raise
+
+    def _save_final(self, image_id, label_filename, label_info):
+        """SEG (and with ``store_sr`` an SR of the mask's measurement) built and checked first, then the label
+        kept locally, then both stored in PACS; the label info (and so the PUT answer) carries ``pacs``."""
+        label_tag = DefaultLabelTag.FINAL
+        self._check_label(image_id, label_filename, label_tag)
+        info = {k: v for k, v in (label_info or {}).items() if k not in ("pacs", "pacs_error")}
+        frame = number(info.get("frame"), "frame", 0, 1e6, integer=True) or 0
+        version = str(info.get("model_version") or "")
+        path, source = self.source(image_id)
+        mask = load_input(label_filename).pixels
+        try:
+            seg = write_seg(source, mask, frame=frame, model_version=version,
+                            segmentation="SEMIAUTOMATIC" if version else "MANUAL")
+            sr = None
+            if strtobool(str(info.get("store_sr", False))):
+                img = load_input(path, pixel_size=pixel_size({}, self.get_image_info(image_id)), frame=frame)
+                m = measure_mask(mask, img.spacing, spacing_at=img.spacing_at, model_version=version)
+                sr = write_sr(source, m.to_dict(), frame=frame, manual=True)
+        except DicomOutError as exc:
+            raise http_error(422, f"not stored: {exc}") from None
+        # Kept locally first: a clinician's label survives a PACS that is down.
+        label_id = FetalLocalDatastore.save_label(self, image_id, label_filename, label_tag, {**info, "frame": frame})
+        try:
+            self.pacs.store(*([seg] + ([sr] if sr else [])))
+        except Exception as exc:
+            msg = f"PACS did not store the DICOM SEG{' and SR' if sr else ''} ({type(exc).__name__}: {exc})"
+            LocalDatastore.update_label_info(self, label_id, label_tag, {"pacs_error": msg})
+            raise http_error(502, f"label kept in the server cache only: {msg}") from None
+        pacs = {"seg_sop_instance_uid": str(seg.SOPInstanceUID), "sr_sop_instance_uid": str(sr.SOPInstanceUID)
+                if sr else None, "series_instance_uid": str(seg.SeriesInstanceUID),
+                "study_instance_uid": str(seg.StudyInstanceUID)}
+        LocalDatastore.update_label_info(self, label_id, label_tag, {"pacs": pacs})
+        logger.info(f"{image_id}: final label stored in PACS as SEG {pacs['seg_sop_instance_uid']}")
+        return label_id
+
+    def store_sr(self, image_id, result: dict, frame: int = 0) -> dict:
+        """The AI measurement (infer result) as an SR in PACS: ``{"pacs": {...}}``, or ``{"pacs": None,
+        "pacs_error": why}`` (no head, PACS down): the measurement itself is still the answer."""
+        _, source = self.source(image_id)
+        try:
+            sr = write_sr(source, result, frame=frame)
+            self.pacs.store(sr)
+        except DicomOutError as exc:
+            return {"pacs": None, "pacs_error": f"SR not stored: {exc}"}
+        except Exception as exc:
+            logger.warning(f"{image_id}: PACS did not store the SR: {exc}")
+            return {"pacs": None, "pacs_error": f"PACS did not store the SR ({type(exc).__name__}: {exc})"}
+        return {"pacs": {"seg_sop_instance_uid": None, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+                         "series_instance_uid": str(sr.SeriesInstanceUID),
+                         "study_instance_uid": str(sr.StudyInstanceUID)}}
+
+    def _sync_label(self, image_id) -> None:
+        """Fetch the latest SEG from PACS unless the cache holds it, or holds a label PACS never got."""
+        remote = self.pacs.labels().get(image_id)
+        if remote is None:
+            return
+        self.reload()
+        obj = self._datastore.objects.get(image_id)
+        local = obj.labels.get(DefaultLabelTag.FINAL) if obj else None
+        if local is not None and ("pacs_error" in local.info or
+                                  local.info.get("pacs", {}).get("seg_sop_instance_uid") == remote.sop_uid):
+            return
+        try:
+            label = self.pacs.fetch(remote)
+            image = load_input(self.get_image_uri(image_id))
+        except DicomOutError as exc:
+            logger.warning(f"{image_id}: {exc}")
+            return
+        if label.mask.shape != image.pixels.shape:
+            logger.warning(f"{image_id}: SEG {remote.sop_uid} is {label.mask.shape}, image {image.pixels.shape}")
+            return
+        fd, tmp = tempfile.mkstemp(suffix=".png")
+        os.close(fd)
+        try:
+            cv2.imwrite(tmp, label.mask)
+            FetalLocalDatastore.save_label(self, image_id, tmp, DefaultLabelTag.FINAL,
+                                           {"frame": label.frame, "from_pacs": True, "pacs": remote.pacs()})
+        finally:
+            os.unlink(tmp)
+        logger.info(f"{image_id}: final label fetched from PACS (SEG {remote.sop_uid})")
 
     def get_label_uri(self, label_id, label_tag, image_id=""):
+        if label_tag == DefaultLabelTag.FINAL:
+            self._sync_label(label_id)
         return LocalDatastore.get_label_uri(self, label_id, label_tag)
 
     def get_labeled_images(self, label_tag=None, labels=None):
         local = LocalDatastore.get_labeled_images(self)
-        remote = DICOMWebDatastore.get_labeled_images(self) if has_dcmqi() else []
-        return sorted(set(local) | set(remote))
+        remote = set(self.pacs.labels()) & set(self.list_images())
+        return sorted(set(local) | remote)
 
     def get_unlabeled_images(self, label_tag=None, labels=None):
         return sorted(set(self.list_images()) - set(self.get_labeled_images()))
 
     def datalist(self, full_path=True):
+        for image_id in self.get_labeled_images():
+            self.get_image_uri(image_id)
+            self._sync_label(image_id)
         return LocalDatastore.datalist(self, full_path)
-
-
-def has_dcmqi(app_dir: str | None = None) -> bool:
-    return bool(shutil.which(DCMQI)) or bool(app_dir and os.path.exists(os.path.join(app_dir, "bin", DCMQI)))

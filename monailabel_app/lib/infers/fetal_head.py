@@ -33,6 +33,7 @@ class FetalHeadInfer(InferTask):
                 "ga_weeks": "",  # known gestational age (weeks): adds the INTERGROWTH-21st HC centile
                 "pixel_size_mm": "",  # for PNG/JPG without calibration (else image info / pixel CSV)
                 "frame": 0,  # frame of a multi-frame (cine) DICOM
+                "store_sr": False,  # DICOMweb datastore: also store the measurement in PACS as a DICOM SR
                 "device": device_list(),
             })
         self.model_path = str(model_path)

@@ -112,9 +112,10 @@ class FetalHeadTrain(TrainTask):
         for image_id in sorted(datastore.get_labeled_images()):
             image = datastore.get_image_uri(image_id)
             label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
+            frame = datastore.get_label_info(image_id, DefaultLabelTag.FINAL).get("frame") or 0  # cine labels
             try:
                 img = load_input(image, pixel_size=pixel_size({}, datastore.get_image_info(image_id)),
-                                 pixel_csv=self.pixel_csv)
+                                 pixel_csv=self.pixel_csv, frame=int(frame))
                 lab = load_input(label)
                 if lab.pixels.shape != img.pixels.shape:
                     raise http_error(422, f"label is {lab.pixels.shape}, image is {img.pixels.shape}")

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.inputs import IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, pixel_size, suffix_of
+from lib.labels import LabelVersions, check_head_mask
 from lib.publish import atomic_copy
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ EXTENSIONS = [f"*{s}" for s in IMAGE_SUFFIXES]
 DCMQI = "itkimage2segimage"
 NO_DCMQI = (f"DICOM SEG not written: dcmqi's {DCMQI} is not installed (not on PATH nor in the app's bin/); "
             "the final label is kept in the MONAI Label cache only and is used for training from there")
+_LABEL_LOCK = threading.RLock()  # keep-version + replace + JSON entry of one label save happen as one step
 
 
 class FetalLocalDatastore(LocalDatastore):
@@ -83,22 +86,69 @@ class FetalLocalDatastore(LocalDatastore):
             raise http_error(409, f"image id {image_id!r} already exists; remove it first or choose another id")
         return super().add_image(image_id, image_filename, image_info)
 
+    @property
+    def versions(self) -> LabelVersions:
+        return LabelVersions(self._datastore_path)
+
+    def _keep_version(self, image_id, label_tag) -> str | None:
+        """Copy the current final label (if any) into its versions before it is replaced or removed."""
+        if label_tag != DefaultLabelTag.FINAL:
+            return None
+        old = self._datastore.objects[image_id].labels.get(label_tag) if image_id in self._datastore.objects else None
+        path = Path(self._datastore.label_path(label_tag), image_id + old.ext) if old is not None else None
+        if path is None or not path.is_file():
+            return None
+        return self.versions.keep(image_id, label_tag, path, old.info)
+
     def save_label(self, image_id, label_filename, label_tag, label_info):
         self._check_label(image_id, label_filename, label_tag)
-        # The file first (atomically: a crash leaves the previous label or none, never half of one), then the
-        # entry; written by hand because LocalDatastore.save_label copies in place.
+        # The replaced label first goes to its versions, then the new file (atomically: a crash leaves the
+        # previous label or none, never half of one), then the entry; written by hand because
+        # LocalDatastore.save_label copies in place.
         ext = suffix_of(label_filename)
-        atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), image_id + ext))
-        self.reload()
-        obj = self._datastore.objects[image_id]
-        old = obj.labels.get(label_tag)
-        obj.labels[label_tag] = DataModel(info={**(label_info or {}), "ts": int(time.time()), "name": image_id + ext},
-                                          ext=ext)
-        self._update_datastore_file()
-        if old is not None and old.ext != ext:
-            Path(self._datastore.label_path(label_tag), image_id + old.ext).unlink(missing_ok=True)
-        logger.info(f"saved label {label_tag} for {image_id}")
+        with _LABEL_LOCK:
+            self.reload()
+            kept = self._keep_version(image_id, label_tag)
+            atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), image_id + ext))
+            obj = self._datastore.objects[image_id]
+            old = obj.labels.get(label_tag)
+            info = {**(label_info or {}), "ts": int(time.time()), "name": image_id + ext}
+            info.update({"replaced_version": kept} if kept else {})
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file()
+            if old is not None and old.ext != ext:
+                Path(self._datastore.label_path(label_tag), image_id + old.ext).unlink(missing_ok=True)
+        logger.info(f"saved label {label_tag} for {image_id}" + (f" (previous one kept as version {kept})" if kept else ""))
         return image_id
+
+    def restore_label(self, image_id, version, label_tag=DefaultLabelTag.FINAL) -> dict:
+        """Make a kept version the current label again; the current one becomes a version itself."""
+        self._require(image_id)
+        path, meta = self.versions.file(image_id, label_tag, version)
+        info = {k: v for k, v in (meta.get("info") or {}).items() if k not in ("ts", "name", "replaced_version")}
+        self.save_label(image_id, str(path), label_tag, {**info, "restored_from": version})
+        return {"image": image_id, "tag": label_tag, "restored": version,
+                "kept": self.get_label_info(image_id, label_tag).get("replaced_version")}
+
+    def remove_label(self, label_id, label_tag):
+        self._require(label_id)
+        with _LABEL_LOCK:
+            self._keep_version(label_id, label_tag)
+            super().remove_label(label_id, label_tag)
+
+    def clean_stale_temp(self) -> int:
+        """Half-written label copies (``.<name>.*.tmp``) of a crashed server; call at server start only."""
+        removed = 0
+        for tag_dir in Path(self._datastore.label_path(None)).iterdir():
+            for tmp in tag_dir.glob(".*.tmp") if tag_dir.is_dir() else []:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        for tmp in Path(self._datastore_config_path).parent.glob("tmp*.json.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info(f"removed {removed} half-written files of an earlier run from the datastore")
+        return removed
 
     def _check_label(self, image_id, label_filename, label_tag):
         check_id(label_tag, "label tag")
@@ -109,10 +159,12 @@ class FetalLocalDatastore(LocalDatastore):
         if label.pixels.shape != image.pixels.shape:
             raise http_error(422, f"label is {label.pixels.shape[0]} x {label.pixels.shape[1]} pixels but image "
                                   f"{image_id!r} is {image.pixels.shape[0]} x {image.pixels.shape[1]}")
+        if label_tag == DefaultLabelTag.FINAL:
+            check_head_mask(label.pixels)
 
     def remove_image(self, image_id):
         self._require(image_id)
-        super().remove_image(image_id)
+        super().remove_image(image_id)  # through remove_label: the final label is kept as a version
 
     def update_image_info(self, image_id, info):
         self._require(image_id)

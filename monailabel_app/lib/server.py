@@ -6,11 +6,12 @@ ASGI middleware, label-version routes, and the one-at-a-time train routes in fro
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from monailabel.interfaces.datastore import DefaultLabelTag
 from starlette.middleware import Middleware
 
@@ -82,7 +83,10 @@ def install(fastapi_app: FastAPI, app, temp_root: Path) -> None:
     if not any(m.cls is auth.AuthMiddleware for m in fastapi_app.user_middleware):
         # Inside CORS (whose preflight answers need no token), outside everything else.
         fastapi_app.user_middleware += [Middleware(auth.AuthMiddleware), Middleware(tempfiles.RequestTempMiddleware)]
-        fastapi_app.middleware_stack = None  # Starlette rebuilds it on the next request
+        # MONAI Label parses the params form field with json.loads: a 400, not a 500, when it is not JSON.
+        fastapi_app.add_exception_handler(json.JSONDecodeError, lambda _, exc: JSONResponse(
+            {"detail": f"params is not valid JSON: {exc}"}, 400))
+        fastapi_app.middleware_stack = None  # Starlette rebuilds it (with the above) on the next request
         n = len(fastapi_app.router.routes)
         fastapi_app.include_router(router)
         ours = fastapi_app.router.routes[n:]

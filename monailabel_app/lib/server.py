@@ -2,17 +2,20 @@
 
 Called once the app object exists inside the server process (``monailabel start_server`` or a
 TestClient), never in the train/scoring subprocesses: access control and per-request temp folders as
-ASGI middleware, label-version routes, and the one-at-a-time train routes in front of MONAI Label's.
+ASGI middleware, label-version routes, and, in front of MONAI Label's own, the one-at-a-time train
+routes and a label download that a concurrent save cannot tear.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.utils.others.generic import get_mime_type
 from starlette.middleware import Middleware
 
 from lib import auth, tempfiles, training
@@ -51,6 +54,20 @@ def download_version(image: str, version: str, tag: str = DefaultLabelTag.FINAL.
 @router.put("/datastore/label/restore", summary="Make a kept version the current label (the current one is kept)")
 def restore_version(image: str, version: str, tag: str = DefaultLabelTag.FINAL.value):
     return _datastore().restore_label(image, version, tag)
+
+
+@router.get("/datastore/label", summary="Download a label")
+def download_label(label: str, tag: str):
+    """MONAI Label streams the file after a stat: a save replacing it in between tore the download
+    (Content-Length of the old file). Labels are small: read once, from one open file."""
+    path = _APP.datastore().get_label_uri(label, tag)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (OSError, TypeError):
+        raise HTTPException(404, "Label NOT Found") from None
+    return Response(data, media_type=get_mime_type(path),
+                    headers={"Content-Disposition": f'attachment; filename="{os.path.basename(path)}"'})
 
 
 def _train(model: str, params: dict | None, run_sync: bool):

@@ -75,6 +75,17 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def test_documented_start_commands_bind_loopback():
+    from monailabel_support import ROOT
+
+    for readme in (ROOT / "monailabel_app" / "README.md", ROOT / "README.md", ROOT / "sample-apps" / "README.md"):
+        text = readme.read_text().replace("\\\n", " ")
+        commands = [line for line in text.splitlines() if "start_server" in line and "--app" in line]
+        for line in commands:
+            assert "--host 127.0.0.1" in line, (readme.name, line)
+    assert "--host\", \"127.0.0.1\"" in (ROOT / "sample-apps" / "run_session.py").read_text()
+
+
 def test_start_removes_what_a_crash_left(srv):
     assert not list((srv["studies"] / "labels" / "final").glob(".*.tmp"))
     assert leftovers(srv["tmp"]) == []  # the stale upload folder is gone

@@ -105,11 +105,12 @@ class Policy:
 
 
 POLICY = Policy()
+PREFIX = ""  # MONAI_LABEL_API_STR: MONAI Label's routes may all sit under a prefix
 
 
-def configure(policy: Policy) -> Policy:
-    global POLICY
-    POLICY = policy
+def configure(policy: Policy, prefix: str = "") -> Policy:
+    global POLICY, PREFIX
+    POLICY, PREFIX = policy, "/" + prefix.strip("/") if prefix.strip("/") else ""
     if policy.enabled:
         logger.info(f"authentication on: bearer token required on every route"
                     f"{'' if policy.admin else f'; admin routes disabled ({ADMIN_ENV} not set)'}")
@@ -129,8 +130,9 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        for strip in (root, PREFIX):
+            if strip and path.startswith(strip):
+                path = path[len(strip):]
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"").decode("latin-1")
         client = (scope.get("client") or (None,))[0]

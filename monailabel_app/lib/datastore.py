@@ -28,7 +28,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.inputs import IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, pixel_size, suffix_of
 from lib.labels import LabelVersions, check_head_mask
-from lib.publish import atomic_copy
+from lib.publish import FILE_MODE, atomic_copy
 
 logger = logging.getLogger(__name__)
 EXTENSIONS = [f"*{s}" for s in IMAGE_SUFFIXES]
@@ -59,6 +59,7 @@ class FetalLocalDatastore(LocalDatastore):
         def write():
             self._ignore_event_config = True
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self._datastore_config_path), suffix=".json.tmp")
+            os.fchmod(fd, FILE_MODE)  # as MONAI Label's own JSON (0644 usually), not mkstemp's 0600
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
             os.replace(tmp, self._datastore_config_path)

@@ -95,7 +95,9 @@ def install(fastapi_app: FastAPI, app, temp_root: Path) -> None:
     """Wire the app into the running server; safe to call again for a re-created app (tests, /reload)."""
     global _APP
     _APP = app
-    auth.configure(auth.Policy.from_env())
+    from monailabel.config import settings
+
+    auth.configure(auth.Policy.from_env(), settings.MONAI_LABEL_API_STR)
     tempfiles.configure(temp_root)
     if not any(m.cls is auth.AuthMiddleware for m in fastapi_app.user_middleware):
         # Inside CORS (whose preflight answers need no token), outside everything else.

@@ -136,6 +136,11 @@ class FetalLocalDatastore(LocalDatastore):
         with _LABEL_LOCK:
             self._keep_version(label_id, label_tag)
             super().remove_label(label_id, label_tag)
+            # The entry goes now, not when the file watcher (auto reload) notices the missing file.
+            self.reload()
+            obj = self._datastore.objects.get(label_id)
+            if obj is not None and obj.labels.pop(label_tag, None) is not None:
+                self._update_datastore_file()
 
     def clean_stale_temp(self) -> int:
         """Half-written label copies (``.<name>.*.tmp``) of a crashed server; call at server start only."""
@@ -165,7 +170,11 @@ class FetalLocalDatastore(LocalDatastore):
 
     def remove_image(self, image_id):
         self._require(image_id)
-        super().remove_image(image_id)  # through remove_label: the final label is kept as a version
+        with _LABEL_LOCK:
+            super().remove_image(image_id)  # through remove_label: the final label is kept as a version
+            self.reload()
+            if self._datastore.objects.pop(image_id, None) is not None:
+                self._update_datastore_file()
 
     def update_image_info(self, image_id, info):
         self._require(image_id)

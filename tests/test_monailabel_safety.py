@@ -221,7 +221,8 @@ def test_out_of_range_options_are_4xx(srv):
                          ({"frame": -1}, "frame"), ({"result_extension": ".exe"}, "result_extension")]:
         r = call(srv, "POST", f"/infer/fetal_head?image={image}&output=json", data={"params": json.dumps(params)})
         assert r.status_code == 400 and word in r.json()["detail"], (params, r.text)
-    r = call(srv, "PUT", "/datastore/image?image=zero_spacing", files={"file": ("z.png", (SAMPLES / "459_HC.png").read_bytes())},
+    r = call(srv, "PUT", "/datastore/image?image=zero_spacing",
+             files={"file": ("z.png", (SAMPLES / "459_HC.png").read_bytes())},
              data={"params": json.dumps({"pixel_size_mm": 0})})
     assert r.status_code == 400 and "pixel_size_mm" in r.json()["detail"], r.text
     for params, word in [({"max_epochs": 0}, "max_epochs"), ({"device": "cuda:7"}, "unknown device"),

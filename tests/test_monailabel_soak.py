@@ -86,7 +86,8 @@ def _plan(ids, studies, rng: random.Random):
             e = geometry.Ellipse.make(w / 2 + rng.uniform(-40, 40), h / 2 + rng.uniform(-30, 30), a,
                                       a * rng.uniform(0.65, 0.95), rng.uniform(0, 3))
             data = png(geometry.ellipse_mask(e, (h, w)))
-            req = ("PUT", f"/datastore/label?image={i}&tag=final", {"files": {"label": ("l.png", data)}, "sha": sha(data)})
+            req = ("PUT", f"/datastore/label?image={i}&tag=final",
+                   {"files": {"label": ("l.png", data)}, "sha": sha(data)})
         elif kind == "save garbage final":
             data = rng.choice([png(np.zeros((540, 800))), uploads[i], png(hc18.gt_mask(records[f"{i}.png"]) * 7
                                                                           + (np.arange(800) % 3 == 0))])
@@ -96,8 +97,9 @@ def _plan(ids, studies, rng: random.Random):
                    {"files": {"label": ("l.png", png(hc18.gt_mask(records[f"{i}.png"])))}})
         elif kind == "read":
             labelled = rng.choice(ids[:4])  # these have a final label from the start
-            req = ("GET", rng.choice(["/info/", "/datastore/?output=all", f"/datastore/label?label={labelled}&tag=final",
-                                      f"/datastore/label/versions?image={i}", f"/datastore/image?image={i}"]), {})
+            paths = ["/info/", "/datastore/?output=all", f"/datastore/label?label={labelled}&tag=final",
+                     f"/datastore/label/versions?image={i}", f"/datastore/image?image={i}"]
+            req = ("GET", rng.choice(paths), {})
         elif kind == "remote client":  # through a reverse proxy on this host, no token configured
             req = ("GET", "/info/", {"headers": {"X-Forwarded-For": "203.0.113.7"}})
         plan.append((n, kind, i) + req)

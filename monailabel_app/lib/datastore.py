@@ -119,7 +119,7 @@ class FetalLocalDatastore(LocalDatastore):
             self._update_datastore_file()
             if old is not None and old.ext != ext:
                 Path(self._datastore.label_path(label_tag), image_id + old.ext).unlink(missing_ok=True)
-        logger.info(f"saved label {label_tag} for {image_id}" + (f" (previous one kept as version {kept})" if kept else ""))
+        logger.info(f"saved label {label_tag} for {image_id}" + (f", the previous one kept as {kept}" if kept else ""))
         return image_id
 
     def restore_label(self, image_id, version, label_tag=DefaultLabelTag.FINAL) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse, Response
+from monailabel.config import settings
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import get_mime_type
 from starlette.middleware import Middleware
@@ -95,8 +96,6 @@ def install(fastapi_app: FastAPI, app, temp_root: Path) -> None:
     """Wire the app into the running server; safe to call again for a re-created app (tests, /reload)."""
     global _APP
     _APP = app
-    from monailabel.config import settings
-
     auth.configure(auth.Policy.from_env(), settings.MONAI_LABEL_API_STR)
     tempfiles.configure(temp_root)
     if not any(m.cls is auth.AuthMiddleware for m in fastapi_app.user_middleware):

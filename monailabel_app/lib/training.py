@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import processes, tasks
 
+from lib.inputs import http_error
+
 ACTIVE = ("SUBMITTED", "RUNNING")
 _lock = threading.Lock()
 _sync_run: dict | None = None  # a run_sync training in this process (no MONAI Label task for it)
@@ -40,8 +42,6 @@ def start(app, model: str, params: dict | None, run_sync: bool = False):
     global _sync_run
     trainer = app._trainers.get(model)
     if trainer is None:
-        from lib.inputs import http_error
-
         raise http_error(404, f"unknown trainer {model!r}; available: {', '.join(app._trainers)}")
     config = app.info().get("config", {}).get("train", {})
     if hasattr(trainer, "check_request"):

@@ -54,8 +54,8 @@ class MyApp(MONAILabelApp):
             self._init_server(server.app, conf)
 
     def _init_server(self, fastapi_app, conf):
-        """Access control, per-request temp folders (``--conf temp_dir``, default <model_dir>/tmp, emptied
-        now) and the extra routes; half-written datastore files of a crashed run are removed."""
+        """Access control, per-request temp folders (``--conf temp_dir``, default <model_dir>/tmp; stale ones
+        removed now) and the extra routes; half-written datastore files of a crashed run are removed."""
         from lib import server
 
         try:

@@ -38,6 +38,7 @@ def srv(tmp_path_factory):
     (studies / "labels" / "final" / f".{ids[0]}.png.x1y2.tmp").write_bytes(b"half")
     (root / "model" / "tmp" / "req-stale").mkdir(parents=True)
     (root / "model" / "tmp" / "req-stale" / "tmpupload.png").write_bytes(b"x" * 1000)
+    (root / "model" / "tmp" / "not-ours.txt").write_text("an admin's file: never removed")
     for i in range(STALE_RUNS):
         (root / "model" / "runs" / f"20200101_00000{i}_000000").mkdir(parents=True)
         (root / "model" / "runs" / f"20200101_00000{i}_000000" / "last.pt").write_bytes(b"partial")
@@ -88,7 +89,8 @@ def test_documented_start_commands_bind_loopback():
 
 def test_start_removes_what_a_crash_left(srv):
     assert not list((srv["studies"] / "labels" / "final").glob(".*.tmp"))
-    assert leftovers(srv["tmp"]) == []  # the stale upload folder is gone
+    assert leftovers(srv["tmp"]) == ["not-ours.txt"]  # the stale upload folder is gone, nothing else touched
+    (srv["tmp"] / "not-ours.txt").unlink()
 
 
 def test_every_route_needs_a_token_and_admin_routes_the_admin_token(srv):

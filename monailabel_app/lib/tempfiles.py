@@ -4,8 +4,8 @@ MONAI Label's endpoints write every upload (infer image/label, ``PUT /datastore/
 dataset zip to ``tempfile`` names and remove them only when the request succeeds. The server therefore
 gives each HTTP request its own folder under ``<root>`` (``tempfile``'s default directory while the
 request runs, through a context variable, so concurrent requests never share one) and removes the folder
-when the response has been sent, whatever its status. The root is emptied when the server starts, which
-also clears what a crashed server left behind. Work outside a request (background threads, the training
+when the response has been sent, whatever its status. Request folders left in the root are removed when
+the server starts, which clears what a crashed server left behind. Work outside a request (background threads, the training
 subprocess) keeps the system temp folder.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 _current: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fetalhc_request_tmp", default=None)
 _system_gettempdir = tempfile.gettempdir
 _live: set[Path] = set()
+PREFIX = "req-"  # only folders with this prefix are ever removed, whatever folder the root is
 ROOT: Path | None = None
 
 
@@ -29,16 +30,13 @@ def _gettempdir() -> str:
 
 
 def configure(root: str | Path) -> Path:
-    """Use ``root`` for request folders (created, emptied of everything not in use) and hook ``tempfile``."""
+    """Use ``root`` for request folders (created; request folders not in use removed) and hook ``tempfile``."""
     global ROOT
     ROOT = Path(root).resolve()
     ROOT.mkdir(parents=True, exist_ok=True)
-    stale = [p for p in ROOT.iterdir() if p not in _live]
+    stale = [p for p in ROOT.glob(f"{PREFIX}*") if p not in _live and p.is_dir() and not p.is_symlink()]
     for p in stale:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
     if stale:
         logger.info(f"removed {len(stale)} stale temp entries from {ROOT}")
     # tempfile resolves its default folder through this module function on every call (mkstemp,
@@ -81,7 +79,7 @@ class RequestTempMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or ROOT is None:
             return await self.app(scope, receive, send)
-        folder = Path(tempfile.mkdtemp(prefix="req-", dir=ROOT))
+        folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=ROOT))
         _live.add(folder)
         token = _current.set(folder)
         try:

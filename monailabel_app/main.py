@@ -1,15 +1,16 @@
 """FetalHC MONAI Label app: fetal head segmentation + head circumference, thin over the ``fetalhc`` library.
 
     monailabel start_server --app monailabel_app --studies <folder | http://orthanc:8042/dicom-web> \\
-        --conf models fetal_head
+        --host 127.0.0.1 --conf models fetal_head
 
-See README.md in this folder for conf options, strategies, DICOMweb and the DICOM SEG note.
+See README.md in this folder for conf options, strategies, DICOMweb, the DICOM SEG note and deployment
+(tokens, network, TLS).
 """
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import sys
 from pathlib import Path
 
 from dicomweb_client.session_utils import create_session_from_user_pass
@@ -20,8 +21,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from monailabel.utils.async_tasks.task import AsyncTask
 
+from lib import tempfiles, training
+from lib.auth import TokenError
 from lib.configs.fetal_head import FetalHeadConfig
 from lib.datastore import FetalDICOMWebDatastore, FetalLocalDatastore
 from lib.inputs import check_id, http_error, number
@@ -48,6 +50,21 @@ class MyApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FetalHC",
                          description="Fetal head circumference from 2-D ultrasound (Mask R-CNN + ellipse fit)",
                          version="0.1.0")
+        server = sys.modules.get("monailabel.app")  # imported only in the server, not in train subprocesses
+        if server is not None:
+            self._init_server(server.app, conf)
+
+    def _init_server(self, fastapi_app, conf):
+        """Access control, per-request temp folders (``--conf temp_dir``, default <model_dir>/tmp; stale ones
+        removed now) and the extra routes; half-written datastore files of a crashed run are removed."""
+        from lib import server
+
+        try:
+            server.install(fastapi_app, self, Path(conf.get("temp_dir") or os.path.join(self.model_dir, "tmp")))
+        except TokenError as exc:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, str(exc)) from None
+        if isinstance(self._datastore, FetalLocalDatastore) and not isinstance(self._datastore, FetalDICOMWebDatastore):
+            self._datastore.clean_stale_temp()
 
     # ----------------------------------------------------------------------------------------- datastores
     def init_datastore(self):
@@ -86,21 +103,37 @@ class MyApp(MONAILabelApp):
 
     # --------------------------------------------------------------------------------- request checking
     def infer(self, request, datastore=None):
-        """Only datastore ids or files MONAI Label itself uploaded/staged; 404 for unknown ids."""
+        """Only datastore ids, the file uploaded with this very request, or this request's session image;
+        anything else (a path, a bad id) gets the same 404 as an unknown id, telling nothing of what exists."""
         image = request.get("image")
         datastore = datastore or self.datastore()
-        if isinstance(image, str) and not _is_staged_upload(image):
-            check_id(image)
+        # Results go to this request's temp folder (removed when the request ends); a client cannot choose it.
+        folder = tempfiles.request_folder()
+        request = {**request, "result_dir": str(folder) if folder else None}
+        if isinstance(image, str) and not (tempfiles.is_request_file(image) or self._is_session_image(request)):
+            unknown = http_error(404, f"unknown image id {image!r}: use an id from the datastore or upload the file")
+            try:
+                check_id(image)
+            except Exception:
+                raise unknown from None
             if not isinstance(datastore, FetalDICOMWebDatastore) and image not in datastore.list_images():
-                raise http_error(404, f"unknown image id {image!r}")
+                raise unknown
             datastore.get_image_uri(image)  # 404 for an unknown DICOMweb series
-            request = {**request, "image_info": datastore.get_image_info(image)}
+            request["image_info"] = datastore.get_image_info(image)
         store_sr = check_store_sr(request, datastore, image)  # 4xx before inferring without a PACS study
         res = super().infer(request, datastore)
         if store_sr:  # the measurement stands even where PACS cannot take its SR (then pacs_error says why)
             frame = number(request.get("frame"), "frame", 0, 1e6, integer=True) or 0
             res["params"].update(datastore.store_sr(image, res["params"], frame))
         return res
+
+    def _is_session_image(self, request) -> bool:
+        """MONAI Label put the image of an existing session (``session_id``) into the request."""
+        session = request.get("session")
+        if not isinstance(session, dict) or not self.sessions() or not isinstance(session.get("name"), str):
+            return False
+        found = self.sessions().get_session(session["name"], update_ts=False)
+        return bool(found and found.image and found.image == request.get("image"))
 
     def on_save_label(self, image_id, label_id):
         res = {}
@@ -120,19 +153,8 @@ class MyApp(MONAILabelApp):
         new = sum(ds.get_label_info(i, DefaultLabelTag.FINAL).get("ts", 0) > since for i in ds.get_labeled_images())
         if new < every:
             return f"{new}/{every} new final labels since the last training"
-        if AsyncTask.status("train", check_if_running=True)[0]:
-            return "training already running"
-        self.async_training(next(iter(self._trainers)), enqueue=False)
+        try:
+            training.start(self, next(iter(self._trainers)), None)
+        except training.TrainingBusy as busy:
+            return f"training already running (job {busy.job['id']})"
         return f"started after {new} new final labels"
-
-
-def _is_staged_upload(path: str) -> bool:
-    """Files MONAI Label wrote for this request: uploads (temp dir) and sessions."""
-    if not os.path.isabs(path) or not os.path.exists(path):
-        return False
-    real = Path(path).resolve()
-    roots = [Path(tempfile.gettempdir()).resolve()]
-    if settings.MONAI_LABEL_SESSION_PATH:
-        roots.append(Path(settings.MONAI_LABEL_SESSION_PATH).resolve())
-    roots.append(Path.home().joinpath(".cache", "monailabel", "sessions").resolve())
-    return any(real.is_relative_to(r) for r in roots)

@@ -11,7 +11,9 @@ ellipse as the corrected final label of the two worst-measured images; fine-tune
 checks that the served model version changed; asks strategy ``hc_uncertainty`` for the next sample; on PACS,
 finds the corrected studies' DICOM SEG and SR in Orthanc (QIDO, WADO) and prints how to see them.
 Everything is torn down at the end, also on error or Ctrl-C (--keep keeps the temp folder and its logs).
-Exit status 0 only when every step passed.
+Exit status 0 only when every step passed. The server listens on 127.0.0.1 only; when FETALHC_API_TOKEN /
+FETALHC_ADMIN_TOKEN (or their *_FILE variants) are set, the server gets them and every request sends
+``Authorization: Bearer`` (the admin token for training).
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from build_studies import CREDIT, SAMPLES, Study, build  # noqa: E402
 from fetalhc import hc18  # noqa: E402
 from fetalhc.io import SRC_PIXEL_SPACING, SRC_US_REGION, label_suffix, save_label_like  # noqa: E402
 from fetalhc.pipeline import default_model_path  # noqa: E402
+
+sys.path.insert(1, str(ROOT / "monailabel_app"))
+from lib.auth import ADMIN_ENV, API_ENV, token_from_env  # noqa: E402  (the server's own token reading)
 try:
     from monailabel.client import MONAILabelClient
     from monailabel.client.client import MONAILabelUtils
@@ -58,9 +63,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(url: str, data: bytes | None = None, method: str = "GET", timeout: float = 30):
+def http_json(url: str, data: bytes | None = None, method: str = "GET", timeout: float = 30,
+              headers: dict | None = None):
     req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/dicom"} if data else {})
+                                 headers={**({"Content-Type": "application/dicom"} if data else {}), **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read() or b"null")
 
@@ -86,6 +92,9 @@ class Session:
         self.client: MONAILabelClient | None = None
         self.pacs_url: str | None = None  # DICOMweb root of the session's Orthanc (PACS variant)
         self.stored: dict[str, dict] = {}  # study id -> the `pacs` answer of its final label
+        api, admin = token_from_env(API_ENV), token_from_env(ADMIN_ENV)
+        self.headers = {"Authorization": f"Bearer {api or admin}"} if api or admin else {}
+        self.admin_headers = {"Authorization": f"Bearer {admin}"} if admin else self.headers
 
     # ----------------------------------------------------------------------------------------- plumbing
     def say(self, text: str = "") -> None:
@@ -98,13 +107,13 @@ class Session:
         self.procs.append((name, proc))
         return proc
 
-    def wait_http(self, name: str, url: str, proc: subprocess.Popen, timeout: float):
+    def wait_http(self, name: str, url: str, proc: subprocess.Popen, timeout: float, headers: dict | None = None):
         end = time.time() + timeout
         while time.time() < end:
             if proc.poll() is not None:
                 raise StepError(f"{name} exited with status {proc.returncode}; log:\n{self.log_tail(name)}")
             try:
-                return http_json(url, timeout=5)
+                return http_json(url, timeout=5, headers=headers)
             except OSError:
                 time.sleep(0.5)
         raise StepError(f"{name} did not answer {url} within {timeout:.0f} s; log:\n{self.log_tail(name)}")
@@ -169,8 +178,12 @@ class Session:
                "--conf", "model_dir", str(model_dir), "--conf", "initial_model", str(self.args.model)]
         proc = self.spawn("monailabel", cmd, env)
         url = f"http://127.0.0.1:{port}"
-        info = self.wait_http("monailabel", f"{url}/info/", proc, self.args.start_timeout)
+        info = self.wait_http("monailabel", f"{url}/info/", proc, self.args.start_timeout, self.headers)
         self.client = MONAILabelClient(url, tmpdir=str(self.work / "client"))
+        self.admin = MONAILabelClient(url, tmpdir=str(self.work / "client"))  # training is an admin route
+        for client, headers in ((self.client, self.headers), (self.admin, self.admin_headers)):
+            if headers:
+                client.update_auth({"token_type": "Bearer", "access_token": headers["Authorization"].split()[1]})
         (self.work / "client").mkdir(exist_ok=True)
         self.say(f"MONAI Label {info.get('name')} {info.get('version')} on {url}: models {list(info['models'])}, "
                  f"strategies {list(info['strategies'])}, datastore {studies_uri}")
@@ -252,7 +265,7 @@ class Session:
         params = {"max_epochs": self.args.epochs, "train_batch_size": 2, "publish": "always", "augment": False}
         self.say(f"train '{MODEL}' (fine-tune the served model): {json.dumps(params)}; publish=always, so that "
                  "the demo serves the new model even after one epoch")
-        self.client.train_start(MODEL, params)
+        self.admin.train_start(MODEL, params)
         end, last = time.time() + self.args.train_timeout, None
         while time.time() < end:
             task = self.client.train_status()
@@ -278,7 +291,7 @@ class Session:
 
     def next_sample(self) -> dict:
         status, body, _, _ = MONAILabelUtils.http_method(
-            "POST", self.client.get_server_url(), f"/scoring/{STRATEGY}?run_sync=true")
+            "POST", self.client.get_server_url(), f"/scoring/{STRATEGY}?run_sync=true", headers=dict(self.headers))
         if status != 200:
             raise StepError(f"scoring {STRATEGY} failed: HTTP {status} {body[:500]!r}")
         scored = json.loads(body)

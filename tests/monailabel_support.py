@@ -12,9 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import sys
+
 import cv2
 import numpy as np
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "monailabel_app"
@@ -77,7 +80,8 @@ def app_client(mp: pytest.MonkeyPatch, studies, model_dir: Path, initial_model: 
         mp.setenv(k, v)
     mp.syspath_prepend(str(APP))
     clear_cache()
-    return TestClient(app)
+    # A loopback client, as a workstation's own Slicer: the app serves only loopback without tokens.
+    return TestClient(app, client=("127.0.0.1", 50000))
 
 
 def wait_training(client, timeout: float = 300) -> dict:
@@ -119,3 +123,39 @@ def service(cmd: list[str], log_path: Path, ready, timeout: float, env: dict | N
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@contextlib.contextmanager
+def real_server(root: Path, studies: Path, *, env: dict | None = None, host: str = "127.0.0.1", **conf):
+    """``monailabel start_server --app monailabel_app`` on a free port, with its own TMPDIR (``root/systmp``,
+    to check that nothing is left in the system temp folder) and ``model_dir`` = ``root/model``.
+    Yields {"url", "proc", "model", "tmp", "systmp", "log"}; the token env (if any) goes in ``env``."""
+    port = free_port()
+    bindir = Path(sys.executable).parent
+    systmp = root / "systmp"
+    systmp.mkdir(parents=True, exist_ok=True)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MONAI_LABEL_", "FETALHC_"))}
+    full_env.update({"PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")]), "TMPDIR": str(systmp),
+                     "MONAILABEL_PYEXE": sys.executable,
+                     "PYTHONPATH": os.pathsep.join([str(APP), str(ROOT / "lib")]),
+                     "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+                     **(env or {})})
+    conf = {"models": "fetal_head", "model_dir": str(root / "model"), "initial_model": str(DEFAULT_MODEL), **conf}
+    cmd = [str(bindir / "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies),
+           "--host", host, "--port", str(port)] + [x for k, v in conf.items() for x in ("--conf", k, str(v))]
+    url = f"http://127.0.0.1:{port}"
+    token = full_env.get("FETALHC_ADMIN_TOKEN") or full_env.get("FETALHC_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def ready():
+        requests.get(f"{url}/info/", headers=headers, timeout=5).raise_for_status()
+
+    with service(cmd, root / "server.log", ready, 240, full_env) as proc:
+        yield {"url": url, "proc": proc, "model": root / "model", "tmp": root / "model" / "tmp",
+               "systmp": systmp, "log": root / "server.log", "port": port}
+
+
+def leftovers(folder: Path, before: set | None = None) -> list[str]:
+    """Files and folders under ``folder`` (minus ``before``), as relative paths."""
+    found = {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+    return sorted(found - (before or set()))

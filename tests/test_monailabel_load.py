@@ -78,6 +78,7 @@ def test_stopped_training_keeps_the_served_model_and_the_labels(env):
 def test_auto_train_after_n_new_final_labels(tmp_path, tiny_run, samples_dir):
     import cv2
     import numpy as np
+    from fetalhc import hc18
     from monailabel.interfaces.utils.app import app_instance
 
     ids = make_studies(tmp_path / "studies", n_images=3, n_final=0)
@@ -86,10 +87,11 @@ def test_auto_train_after_n_new_final_labels(tmp_path, tiny_run, samples_dir):
         c = app_client(mp, tmp_path / "studies", tmp_path / "model", model_for_tests(tiny_run), auto_train_every=2)
         c.get("/info/")
         app_instance().server_mode(True)  # as under `monailabel start_server`: training as a subprocess
-        label = tmp_path / "l.png"
-        cv2.imwrite(str(label), np.zeros((540, 800), np.uint8))
-        replies = [c.put(f"/datastore/label?image={i}&tag=final", files={"label": ("l.png", label.read_bytes())})
-                   for i in ids[:2]]
+        records = {r.name: r for r in hc18.read_records(samples_dir)}
+        replies = []
+        for i in ids[:2]:  # the expert masks: final labels are validated as head masks
+            ok, png = cv2.imencode(".png", hc18.gt_mask(records[f"{i}.png"]).astype(np.uint8))
+            replies.append(c.put(f"/datastore/label?image={i}&tag=final", files={"label": ("l.png", png.tobytes())}))
         assert [r.status_code for r in replies] == [200, 200]
         assert replies[0].json()["auto_train"].startswith("1/2")
         assert replies[1].json()["auto_train"].startswith("started")

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from fetalhc import hc18
+from fetalhc import geometry, hc18
 from fetalhc.dicomgen import write_us_dicom
 from fetalhc.io import SRC_PIXEL_SPACING, SRC_US_REGION, Spacing
 from fetalhc.model import load_model
@@ -102,7 +102,8 @@ def test_search_filter_keeps_us_only_and_final_label_goes_to_pacs(client, studie
     us = {uid for uid, _ in studies["series"].values()}
     uid = studies["series"]["us_region"][0]
     assert client.post(f"/infer/fetal_head?image={studies['other']}").status_code == 404
-    mask = (studies["pixels"] > 0).astype(np.uint8)
+    h, w = studies["pixels"].shape[:2]  # a head-like ellipse: final labels are validated as head masks
+    mask = geometry.ellipse_mask(geometry.Ellipse.make(w / 2, h / 2, w / 4, h / 5, 0.3), (h, w)).astype(np.uint8)
     ok, png = cv2.imencode(".png", mask)
     r = client.put(f"/datastore/label?image={uid}&tag=final", files={"label": ("label.png", png.tobytes())})
     assert r.status_code == 200, r.text

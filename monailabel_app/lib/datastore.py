@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,11 +33,13 @@ from pydicom.dataset import Dataset
 
 from lib.inputs import (IMAGE_SUFFIXES, check_id, check_suffix, http_error, load_input, number, pixel_size,
                         series_file, suffix_of)
+from lib.labels import LabelVersions, check_head_mask
 from lib.pacs import Pacs, check_store_sr
-from lib.publish import atomic_copy
+from lib.publish import FILE_MODE, atomic_copy
 
 logger = logging.getLogger(__name__)
 EXTENSIONS = [f"*{s}" for s in IMAGE_SUFFIXES]
+_LABEL_LOCK = threading.RLock()  # keep-version + replace + JSON entry of one label save happen as one step
 
 
 class FetalLocalDatastore(LocalDatastore):
@@ -60,6 +63,7 @@ class FetalLocalDatastore(LocalDatastore):
         def write():
             self._ignore_event_config = True
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self._datastore_config_path), suffix=".json.tmp")
+            os.fchmod(fd, FILE_MODE)  # as MONAI Label's own JSON (0644 usually), not mkstemp's 0600
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
             os.replace(tmp, self._datastore_config_path)
@@ -87,23 +91,75 @@ class FetalLocalDatastore(LocalDatastore):
             raise http_error(409, f"image id {image_id!r} already exists; remove it first or choose another id")
         return super().add_image(image_id, image_filename, image_info)
 
+    @property
+    def versions(self) -> LabelVersions:
+        return LabelVersions(self._datastore_path)
+
+    def _keep_version(self, image_id, label_tag) -> str | None:
+        """Copy the current final label (if any) into its versions before it is replaced or removed."""
+        if label_tag != DefaultLabelTag.FINAL:
+            return None
+        old = self._datastore.objects[image_id].labels.get(label_tag) if image_id in self._datastore.objects else None
+        path = Path(self._datastore.label_path(label_tag), image_id + old.ext) if old is not None else None
+        if path is None or not path.is_file():
+            return None
+        return self.versions.keep(image_id, label_tag, path, old.info)
+
     def save_label(self, image_id, label_filename, label_tag, label_info):
         self._check_label(image_id, label_filename, label_tag)
         check_store_sr(label_info or {}, self, image_id)  # an SR needs PACS: 4xx here rather than ignored
-        # The file first (atomically: a crash leaves the previous label or none, never half of one), then the
-        # entry; written by hand because LocalDatastore.save_label copies in place.
+        # The replaced label first goes to its versions, then the new file (atomically: a crash leaves the
+        # previous label or none, never half of one), then the entry; written by hand because
+        # LocalDatastore.save_label copies in place.
         ext = suffix_of(label_filename)
-        atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), image_id + ext))
-        self.reload()
-        obj = self._datastore.objects[image_id]
-        old = obj.labels.get(label_tag)
-        obj.labels[label_tag] = DataModel(info={**(label_info or {}), "ts": int(time.time()), "name": image_id + ext},
-                                          ext=ext)
-        self._update_datastore_file()
-        if old is not None and old.ext != ext:
-            Path(self._datastore.label_path(label_tag), image_id + old.ext).unlink(missing_ok=True)
-        logger.info(f"saved label {label_tag} for {image_id}")
+        with _LABEL_LOCK:
+            self.reload()
+            kept = self._keep_version(image_id, label_tag)
+            atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), image_id + ext))
+            obj = self._datastore.objects[image_id]
+            old = obj.labels.get(label_tag)
+            info = {**(label_info or {}), "ts": int(time.time()), "name": image_id + ext}
+            info.update({"replaced_version": kept} if kept else {})
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file()
+            if old is not None and old.ext != ext:
+                Path(self._datastore.label_path(label_tag), image_id + old.ext).unlink(missing_ok=True)
+        logger.info(f"saved label {label_tag} for {image_id}" + (f", the previous one kept as {kept}" if kept else ""))
         return image_id
+
+    def restore_label(self, image_id, version, label_tag=DefaultLabelTag.FINAL) -> dict:
+        """Make a kept version the current label again; the current one becomes a version itself."""
+        self._require(image_id)
+        path, meta = self.versions.file(image_id, label_tag, version)
+        info = {k: v for k, v in (meta.get("info") or {}).items() if k not in ("ts", "name", "replaced_version")}
+        self.save_label(image_id, str(path), label_tag, {**info, "restored_from": version})
+        return {"image": image_id, "tag": label_tag, "restored": version,
+                "kept": self.get_label_info(image_id, label_tag).get("replaced_version")}
+
+    def remove_label(self, label_id, label_tag):
+        self._require(label_id)
+        with _LABEL_LOCK:
+            self._keep_version(label_id, label_tag)
+            super().remove_label(label_id, label_tag)
+            # The entry goes now, not when the file watcher (auto reload) notices the missing file.
+            self.reload()
+            obj = self._datastore.objects.get(label_id)
+            if obj is not None and obj.labels.pop(label_tag, None) is not None:
+                self._update_datastore_file()
+
+    def clean_stale_temp(self) -> int:
+        """Half-written label copies (``.<name>.*.tmp``) of a crashed server; call at server start only."""
+        removed = 0
+        for tag_dir in Path(self._datastore.label_path(None)).iterdir():
+            for tmp in tag_dir.glob(".*.tmp") if tag_dir.is_dir() else []:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        for tmp in Path(self._datastore_config_path).parent.glob("tmp*.json.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info(f"removed {removed} half-written files of an earlier run from the datastore")
+        return removed
 
     def _check_label(self, image_id, label_filename, label_tag):
         check_id(label_tag, "label tag")
@@ -114,10 +170,16 @@ class FetalLocalDatastore(LocalDatastore):
         if label.pixels.shape != image.pixels.shape:
             raise http_error(422, f"label is {label.pixels.shape[0]} x {label.pixels.shape[1]} pixels but image "
                                   f"{image_id!r} is {image.pixels.shape[0]} x {image.pixels.shape[1]}")
+        if label_tag == DefaultLabelTag.FINAL:
+            check_head_mask(label.pixels)
 
     def remove_image(self, image_id):
         self._require(image_id)
-        super().remove_image(image_id)
+        with _LABEL_LOCK:
+            super().remove_image(image_id)  # through remove_label: the final label is kept as a version
+            self.reload()
+            if self._datastore.objects.pop(image_id, None) is not None:
+                self._update_datastore_file()
 
     def update_image_info(self, image_id, info):
         self._require(image_id)

@@ -46,7 +46,9 @@ def check_suffix(path, what: str = "image") -> None:
 
 def _display_name(path: Path) -> str:
     """Uploads are temp files; their names mean nothing to the client."""
-    return "uploaded file" if path.parent.resolve() == Path(tempfile.gettempdir()).resolve() else path.name
+    from lib.tempfiles import is_upload_name
+
+    return "uploaded file" if is_upload_name(path) else path.name
 
 
 def from_input_error(exc: InputError, path: Path) -> HTTPException:
@@ -101,12 +103,34 @@ def number(value, name: str, lo: float, hi: float, *, integer: bool = False) -> 
     return int(v) if integer else v
 
 
+def _positive_mm(value, name: str) -> float | None:
+    v = number(value, name, 0.0, 10.0)
+    if v is not None and v <= 0:  # 0 would silently fall back to another spacing source
+        raise http_error(400, f"{name} must be a pixel size in mm above 0 (at most 10), got {value!r}")
+    return v
+
+
 def pixel_size(request: dict, image_info: dict | None = None) -> float | None:
     """Explicit pixel size (mm) for files without calibration: request param, else the image's info."""
-    v = number(request.get("pixel_size_mm"), "pixel_size_mm", 0.0, 10.0)
-    if not v:
-        v = number((image_info or {}).get("pixel_size_mm"), "image info pixel_size_mm", 0.0, 10.0)
-    return v or None
+    v = _positive_mm(request.get("pixel_size_mm"), "pixel_size_mm")
+    if v is None:
+        v = _positive_mm((image_info or {}).get("pixel_size_mm"), "image info pixel_size_mm")
+    return v
+
+
+def check_device(value) -> str:
+    """A device of this machine ('cpu', 'cuda', 'cuda:N' or a name from /info); '' or a list: the default."""
+    import torch
+    from monailabel.utils.others.generic import device_map, name_to_device
+
+    if value is None or isinstance(value, list) or (isinstance(value, str) and not value.strip()):
+        return name_to_device(value or None)
+    known = {"cpu"} | set(device_map()) | set(device_map().values())
+    if torch.cuda.is_available():
+        known |= {"cuda"} | {f"cuda:{i}" for i in range(torch.cuda.device_count())}
+    if not isinstance(value, str) or value.strip() not in known:
+        raise http_error(400, f"unknown device {value!r}: this server has {', '.join(sorted(known))}")
+    return name_to_device(value.strip())
 
 
 def result_path(img: LoadedImage, request: dict) -> str:
@@ -116,6 +140,6 @@ def result_path(img: LoadedImage, request: dict) -> str:
     ext = ext if ext.startswith(".") else f".{ext}"
     if ext.lower() not in RESULT_SUFFIXES:
         raise http_error(400, f"result_extension {ext!r} is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
-    fd, path = tempfile.mkstemp(prefix="fetal_head_", suffix=ext.lower())
+    fd, path = tempfile.mkstemp(prefix="fetal_head_", suffix=ext.lower(), dir=request.get("result_dir") or None)
     os.close(fd)
     return path

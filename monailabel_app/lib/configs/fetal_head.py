@@ -50,7 +50,7 @@ class FetalHeadConfig(TaskConfig):
         if "publish" in overrides:
             overrides["publish"] = [overrides["publish"]] + [p for p in POLICIES if p != overrides["publish"]]
         return FetalHeadTrain(Path(self.model_dir), self.path, self.pixel_csv,
-                              keep_runs=int(self.conf.get("keep_runs", 3)), score_threshold=self.score_threshold,
+                              keep_runs=_keep_runs(self.conf.get("keep_runs")), score_threshold=self.score_threshold,
                               **overrides)
 
     def strategy(self):
@@ -58,3 +58,8 @@ class FetalHeadConfig(TaskConfig):
 
     def scoring_method(self):
         return {"hc_uncertainty": HCUncertaintyScoring(self.path, self.pixel_csv, self.score_threshold)}
+
+
+def _keep_runs(value) -> int:
+    n = number(value, "keep_runs", 0, 1000, integer=True)
+    return 3 if n is None else n

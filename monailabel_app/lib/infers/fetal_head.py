@@ -14,9 +14,9 @@ from fetalhc.io import save_label_like
 from fetalhc.model import CheckpointError
 from fetalhc.pipeline import Measurer
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.utils.others.generic import device_list, name_to_device
+from monailabel.utils.others.generic import device_list
 
-from lib.inputs import http_error, load_input, number, pixel_size, result_path
+from lib.inputs import check_device, http_error, load_input, number, pixel_size, result_path
 
 logger = logging.getLogger(__name__)
 NO_SPACING = ("no pixel spacing: the image carries no calibration. Set pixel_size_mm (request option or the "
@@ -63,14 +63,17 @@ class FetalHeadInfer(InferTask):
         path = req.get("image")
         if not isinstance(path, str) or not path:
             raise http_error(400, "fetal_head needs an image id or an uploaded image file")
+        # Options first: a bad one is a 400 before any work.
+        spacing_mm = pixel_size(req, req.get("image_info"))
+        frame = number(req.get("frame"), "frame", 0, 1e6, integer=True) or 0
+        threshold = number(req.get("score_threshold"), "score_threshold", 0.0, 1.0)
+        ga = number(req.get("ga_weeks"), "ga_weeks", 1.0, 45.0)
+        device = check_device(req.get("device"))
         # The studies' pixel CSV lists datastore images only; an upload carries its own calibration.
         from_datastore = req.get("image_info") is not None
-        img = load_input(path, pixel_size=pixel_size(req, req.get("image_info")),
-                         pixel_csv=self.pixel_csv if from_datastore else None,
-                         frame=number(req.get("frame"), "frame", 0, 1e6, integer=True) or 0)
-        threshold = number(req.get("score_threshold"), "score_threshold", 0.0, 1.0)
-        ga = number(req.get("ga_weeks"), "ga_weeks", 0.0, 45.0) or None
-        measurer = self.measurer(name_to_device(req.get("device")))
+        img = load_input(path, pixel_size=spacing_mm, pixel_csv=self.pixel_csv if from_datastore else None,
+                         frame=frame)
+        measurer = self.measurer(device)
         try:
             m = measurer.measure(img.pixels, img.spacing, spacing_at=img.spacing_at,
                                  score_threshold=0.5 if threshold is None else threshold, ga_weeks=ga)

@@ -23,14 +23,14 @@ from fetalhc.data import Sample, split_samples
 from fetalhc.engine import validate
 from fetalhc.hc18 import exam_of
 from fetalhc.io import Spacing
-from fetalhc.model import CheckpointError, load_model
+from fetalhc.model import CONFIGS, CheckpointError, load_model
 from fetalhc.train import TrainConfig, fit
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.utils.async_tasks.utils import processes
-from monailabel.utils.others.generic import device_list, name_to_device, strtobool
+from monailabel.utils.async_tasks.utils import processes, tasks
+from monailabel.utils.others.generic import device_list
 
-from lib.inputs import http_error, load_input, number, pixel_size
+from lib.inputs import check_device, http_error, load_input, number, pixel_size
 from lib.publish import publish
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,41 @@ def write_json(path: Path, data: dict) -> None:
 
 def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("1", "0", "true", "false", "yes", "no", "on", "off", "y", "n", "t", "f"):
+        raise http_error(400, f"{name} must be true or false, got {value!r}")
+    return text in ("1", "true", "yes", "on", "y", "t")
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def check_request(req: dict) -> dict:
+    """Every train option parsed and range-checked (400 with the reason), before any process starts."""
+    policy = req["publish"][0] if isinstance(req["publish"], list) else str(req["publish"])
+    if policy not in POLICIES:
+        raise http_error(400, f"publish must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if str(req["model_config"]) not in CONFIGS:
+        raise http_error(400, f"model_config must be one of {', '.join(CONFIGS)}, got {req['model_config']!r}")
+    gpus = str(req.get("gpus") or "all")
+    if gpus != "all" and not all(g.strip().isdigit() for g in gpus.split(",")):
+        raise http_error(400, f"gpus must be 'all' or GPU numbers like '0,1', got {gpus!r}")
+    return {
+        "policy": policy, "device": check_device(req.get("device")), "gpus": gpus,
+        "epochs": number(req["max_epochs"], "max_epochs", 1, 10000, integer=True),
+        "batch_size": number(req["train_batch_size"], "train_batch_size", 1, 256, integer=True),
+        "lr": number(req["learning_rate"], "learning_rate", 1e-7, 1.0),
+        "val_split": number(req["val_split"], "val_split", 0.0, 0.9) or 0.0,
+        "seed": _default(number(req["seed"], "seed", 0, 2 ** 31 - 1, integer=True), 0),
+        "score_threshold": _default(number(req["score_threshold"], "score_threshold", 0.0, 1.0), 0.5),
+        "from_scratch": _flag(req["from_scratch"], "from_scratch"), "augment": _flag(req["augment"], "augment"),
+        "multi_gpu": _flag(req.get("multi_gpu", True), "multi_gpu")}
 
 
 class StatsWriter:
@@ -104,7 +139,15 @@ class FetalHeadTrain(TrainTask):
         except (OSError, ValueError):
             return {}
         if stats.get("status") == "RUNNING" and not self._running and not processes("train"):
-            stats["status"] = "STOPPED"  # the run was killed (train stop) or crashed before writing its end
+            # The run ended without writing its end: stopped over the API (MONAI Label's task says STOPPED),
+            # else killed or crashed (or the server restarted under it): a failed run.
+            last = (tasks("train") or [{}])[-1]
+            if last.get("status") == "STOPPED":
+                stats["status"] = "STOPPED"
+            else:
+                stats.update(status="ERROR", published=False,
+                             error="the training process ended without finishing (killed, crashed, or the server "
+                                   "restarted); the served model is unchanged")
         return stats
 
     def _samples(self, datastore) -> tuple[list[Sample], list[dict]]:
@@ -127,47 +170,45 @@ class FetalHeadTrain(TrainTask):
             samples.append(Sample(name, img.pixels, lab.pixels > 0, img.spacing, exam_of(image_id)))
         return samples, skipped
 
-    def _gpus(self, req) -> list[str]:
+    def check_request(self, request: dict) -> dict:
+        return check_request({**self._config, **request})
+
+    @staticmethod
+    def _gpus(opts: dict) -> list[str]:
         """CUDA devices for DDP (MONAI Label's async launcher already narrowed CUDA_VISIBLE_DEVICES to
         ``gpus``); empty for a single device."""
-        if not torch.cuda.is_available() or not strtobool(str(req.get("multi_gpu", True))):
+        if not torch.cuda.is_available() or not opts["multi_gpu"]:
             return []
-        gpus = str(req.get("gpus") or "all")
+        gpus = opts["gpus"]
         ids = list(range(torch.cuda.device_count())) if gpus == "all" else [int(g) for g in gpus.split(",")]
         return [f"cuda:{i}" for i in ids] if len(ids) > 1 else []
 
     def __call__(self, request, datastore):
         req = {**self._config, **request}
+        opts = check_request(req)
         t0 = time.time()
+        self._cleanup_runs(keep=self.keep_runs - 1)  # killed runs never reached the cleanup at their end
         samples, skipped = self._samples(datastore)
         if not samples:
             raise http_error(409, "no usable final labels in the datastore: save labels with tag 'final' first"
                                   + (f" (skipped: {skipped})" if skipped else ""))
-        train, val = split_samples(samples, number(req["val_split"], "val_split", 0.0, 0.9) or 0.0,
-                                   int(req["seed"]))
+        train, val = split_samples(samples, opts["val_split"], opts["seed"])
         # Validation needs a spacing; images without one are validated in pixels (ADF in px).
         val = [s if s.spacing else dataclasses.replace(s, spacing=Spacing(1.0, 1.0, PIXEL_UNITS)) for s in val]
-        scratch = strtobool(str(req["from_scratch"]))
-        init = None if scratch or not self.published.is_file() else str(self.published)
-        policy = req["publish"][0] if isinstance(req["publish"], list) else str(req["publish"])
-        if policy not in POLICIES:
-            raise http_error(400, f"publish must be one of {', '.join(POLICIES)}, got {policy!r}")
-        device = name_to_device(req.get("device"))
+        init = None if opts["from_scratch"] or not self.published.is_file() else str(self.published)
+        policy, device = opts["policy"], opts["device"]
         run_id = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         cfg = TrainConfig(
             out_dir=str(self.model_dir / "runs" / run_id), model=str(req["model_config"]),
-            epochs=number(req["max_epochs"], "max_epochs", 1, 10000, integer=True),
-            batch_size=number(req["train_batch_size"], "train_batch_size", 1, 256, integer=True),
-            lr=number(req["learning_rate"], "learning_rate", 1e-7, 1.0), init=init,
-            augment=strtobool(str(req["augment"])), device=device, seed=int(req["seed"]),
-            score_threshold=float(req["score_threshold"]),
+            epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], init=init,
+            augment=opts["augment"], device=device, seed=opts["seed"], score_threshold=opts["score_threshold"],
             data_summary={"source": "MONAI Label datastore final labels", "skipped": skipped})
         base = {"run_id": run_id, "start_ts": int(t0), "total_epochs": cfg.epochs, "train_images": len(train),
                 "val_images": len(val), "fine_tune_from": init, "device": device, "skipped": skipped}
         writer = StatsWriter(self.stats_path, base)
         write_json(self.stats_path, {**base, "status": "RUNNING", "epoch": 0, "best_metric": 0.0,
                                      "current_time": _clock(0)})
-        gpus = self._gpus(req)
+        gpus = self._gpus(opts)
         self._running = True
         try:
             if gpus:
@@ -229,7 +270,9 @@ class FetalHeadTrain(TrainTask):
             return None
         return validate(model, val, threshold)[1]["adf_mm"]["mean"]
 
-    def _cleanup_runs(self):
-        runs = sorted((self.model_dir / "runs").glob("*"))
-        for old in runs[:-self.keep_runs] if self.keep_runs > 0 else []:
+    def _cleanup_runs(self, keep: int | None = None):
+        """Keep the newest ``keep`` (default keep_runs) run folders; the served model is a copy."""
+        keep = self.keep_runs if keep is None else keep
+        runs = sorted(p for p in (self.model_dir / "runs").glob("*") if p.is_dir())
+        for old in runs[:max(0, len(runs) - max(0, keep))] if self.keep_runs > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

@@ -60,7 +60,7 @@ class MyApp(MONAILabelApp):
         from lib import server
 
         try:
-            server.install(fastapi_app, self, Path(conf.get("temp_dir") or os.path.join(self.model_dir, "tmp")))
+            server.install(fastapi_app, Path(conf.get("temp_dir") or os.path.join(self.model_dir, "tmp")))
         except TokenError as exc:
             raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, str(exc)) from None
         if isinstance(self._datastore, FetalLocalDatastore) and not isinstance(self._datastore, FetalDICOMWebDatastore):

@@ -155,7 +155,8 @@ def test_pacs_round_trip_then_training_from_pacs_labels(orthanc, study, tmp_path
             assert r.status_code == 200, r.text
             back = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)
             assert np.array_equal(back, saved[name][0])
-            assert c.get(f"/datastore/label/info?label={s['uid']}&tag=final").json()["from_pacs"] is True
+            info = c.get(f"/datastore/label/info?label={s['uid']}&tag=final").json()
+            assert info.get("from_pacs") is True, info
         unlabeled = c.post("/activelearning/first", json={})
         assert unlabeled.json() == {} or unlabeled.json().get("id") not in {s["uid"] for s in study["series"].values()}
         r = c.post("/train/fetal_head?run_sync=true", json={"max_epochs": 1, "augment": False, "val_split": 0.5})

@@ -23,11 +23,16 @@ from lib import auth, tempfiles, training
 from lib.inputs import http_error
 
 logger = logging.getLogger(__name__)
-_APP = None  # the MONAILabelApp the routes serve (the latest one, as MONAI Label's app_instance())
+
+
+def _app():
+    """The app MONAI Label's own routes serve: created on first use, re-created after a reset (tests)."""
+    from monailabel.interfaces.utils.app import app_instance
+    return app_instance()
 
 
 def _datastore():
-    ds = _APP.datastore()
+    ds = _app().datastore()
     if not hasattr(ds, "restore_label"):
         raise http_error(501, "label versions need the FetalHC folder datastore")
     return ds
@@ -61,7 +66,7 @@ def restore_version(image: str, version: str, tag: str = DefaultLabelTag.FINAL.v
 def download_label(label: str, tag: str):
     """MONAI Label streams the file after a stat: a save replacing it in between tore the download
     (Content-Length of the old file). Labels are small: read once, from one open file."""
-    path = _APP.datastore().get_label_uri(label, tag)
+    path = _app().datastore().get_label_uri(label, tag)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -73,7 +78,7 @@ def download_label(label: str, tag: str):
 
 def _train(model: str, params: dict | None, run_sync: bool):
     try:
-        return training.start(_APP, model, params, run_sync)
+        return training.start(_app(), model, params, run_sync)
     except training.TrainingBusy as busy:
         return busy.response()
 
@@ -85,17 +90,15 @@ def train_model(model: str, params: dict | None = None, run_sync: bool = False, 
 
 @router.post("/train/", summary="Run training (one run at a time)", include_in_schema=False)
 def train_all(params: dict | None = None, run_sync: bool = False):
-    models = list(_APP._trainers)
+    models = list(_app()._trainers)
     if len(models) != 1:
         raise HTTPException(400, f"name the model: POST /train/<model>, one of {', '.join(models)}")
     model = models[0]
     return {model: _train(model, (params or {}).get(model, params), run_sync)}
 
 
-def install(fastapi_app: FastAPI, app, temp_root: Path) -> None:
+def install(fastapi_app: FastAPI, temp_root: Path) -> None:
     """Wire the app into the running server; safe to call again for a re-created app (tests, /reload)."""
-    global _APP
-    _APP = app
     auth.configure(auth.Policy.from_env(), settings.MONAI_LABEL_API_STR)
     tempfiles.configure(temp_root)
     if not any(m.cls is auth.AuthMiddleware for m in fastapi_app.user_middleware):

@@ -18,7 +18,6 @@ import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 MAX_SIDE = 8192
@@ -257,6 +256,7 @@ def _read_raster(path: Path, data: bytes, frame: int) -> LoadedImage | None:
         _check_size(path, rows, cols)
     if data[:2] == JPEG_SOI and b"\xff\xd9" not in data[-4096:]:
         raise _fail(path, "truncated JPEG (no end-of-image marker)")  # libjpeg would pad it with grey
+    import cv2  # only here and in save_label_like: the spacing rules run without OpenCV (3D Slicer)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         return None
@@ -624,6 +624,7 @@ def save_label_like(mask, reference, out_path) -> Path:
             header = {"kinds": ["domain", "domain"], "spacings": [col, row]}
         nrrd.write(str(out), np.asfortranarray(voxels), {**header, "encoding": "gzip"}, index_order="F")
     elif kind == "raster":
+        import cv2
         ok, buf = cv2.imencode(out.suffix or ".png", label)
         if not ok:
             raise ValueError(f"cannot write a label as {out.suffix}")

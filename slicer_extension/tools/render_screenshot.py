@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from FetalHCLib import logic  # noqa: E402
+from FetalHCLib import nodes as logic  # noqa: E402
 
 
 def render(volume, out_path: str, title: str = "") -> str:
@@ -51,7 +51,7 @@ def render(volume, out_path: str, title: str = "") -> str:
     panel.text(0.04, 0.97, "FetalHC  >  3. Measure", fontsize=11, weight="bold", va="top", transform=panel.transAxes)
     y = 0.90
     for key, value in rows:
-        colour = "#b9770e" if key == "Warning" or value.startswith("CHECK") else "black"
+        colour = "#b9770e" if key == "Warning" or value.startswith("FAILED") else "black"
         panel.text(0.04, y, key, fontsize=9, weight="bold", va="top", transform=panel.transAxes)
         panel.text(0.40, y, _wrap(value, 34), fontsize=9, va="top", color=colour, transform=panel.transAxes)
         y -= 0.045 * (1 + _wrap(value, 34).count("\n")) + 0.012

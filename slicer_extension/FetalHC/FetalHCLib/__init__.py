@@ -1,8 +1,8 @@
-"""Non-GUI logic of the FetalHC Slicer module (no Qt): usable in Slicer and headless with ``slicer-core``.
+"""Non-GUI part of the FetalHC Slicer module (no Qt): runs in Slicer and headless on ``slicer-core``.
 
-- :mod:`FetalHCLib.client` -- MONAI Label REST client (standard library only, no MRML).
-- :mod:`FetalHCLib.logic`  -- MRML: spacing, grey input, segment, HC curve, results table, label files.
-- :mod:`FetalHCLib.flow`   -- the workflow against a server (segment, recompute, submit, next, train).
-- :mod:`FetalHCLib.core`   -- where fetalhc's geometry/clinical/io come from (installed, vendored, checkout).
+- :mod:`FetalHCLib.logic`  -- FetalHCLogic, the module's one Logic: parameter node, server flow, live edits.
+- :mod:`FetalHCLib.nodes`  -- MRML helpers: spacing, grey input, head segment, HC curve, results table, files.
+- :mod:`FetalHCLib.client` -- MONAI Label REST client (standard library only, bearer token).
+- :mod:`FetalHCLib.shared` -- the measurement core shared with lib/fetalhc (geometry, clinical, io, result).
 - :mod:`FetalHCLib.selftest` -- scenarios shared by pytest (tests/test_slicer_*.py) and FetalHCTest.
 """

@@ -15,7 +15,7 @@ from slicer.util import VTKObservationMixin
 
 from FetalHCLib import nodes, selftest
 from FetalHCLib.client import DEFAULT_URL, ServerError
-from FetalHCLib.logic import DEFAULT_MODEL, DEFAULT_STRATEGY, P_MODEL, P_STRATEGY, P_URL, FetalHCLogic
+from FetalHCLib.logic import DEFAULT_MODEL, DEFAULT_STRATEGY, P_MODEL, P_STRATEGY, FetalHCLogic
 from FetalHCLib.shared import CHECKOUT_LIB
 
 SETTINGS_URL, SETTINGS_TOKEN = "FetalHC/ServerURL", "FetalHC/APIToken"
@@ -63,6 +63,7 @@ class FetalHCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.listeners.append(self.onLiveResult)
 
         settings = qt.QSettings()
+        self.ui.gaWeeksSpinBox.value = self.logic.known_ga() or 0.0  # module state from the parameter node
         self.ui.serverUrlEdit.text = settings.value(SETTINGS_URL, DEFAULT_URL)
         self.ui.tokenEdit.text = settings.value(SETTINGS_TOKEN, "")
         for button, slot in ((self.ui.connectButton, self.onConnect), (self.ui.applyPixelSizeButton, self.onApplyPixelSize),
@@ -395,6 +396,8 @@ class FetalHCTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_live_correction_through_the_panel()
         self.setUp()
+        self.test_dicom_database_volume_gets_the_region_spacing()
+        self.setUp()
         self.test_server_flow_through_the_buttons()
 
     def waitForDebounce(self):
@@ -417,6 +420,37 @@ class FetalHCTest(ScriptedLoadableModuleTest):
         case = selftest.live_case(self.widget.logic, slicer.mrmlScene, wait=wait, revert=revert)
         selftest.check_live_case(case, lambda ok, msg: self.assertTrue(ok, msg))
         self.delayDisplay("Live correction passed")
+
+    def test_dicom_database_volume_gets_the_region_spacing(self):
+        """The one path headless tests cannot take (slicer-core has no ctkDICOMDatabase): a US DICOM
+        calibrated only by SequenceOfUltrasoundRegions, imported into a real DICOM database, loaded by the
+        DICOM module and selected in the panel, gets PhysicalDeltaX/Y as spacing (dicomFile() lookup)."""
+        import tempfile
+
+        import numpy as np
+        import pydicom
+        from DICOMLib import DICOMUtils
+        try:  # test data writer of the checkout's lib/ (not part of the packaged extension)
+            from fetalhc.dicomgen import write_us_dicom
+        except ImportError:
+            self.delayDisplay("fetalhc.dicomgen not importable (no source checkout): DICOM database test skipped")
+            return
+        self.delayDisplay("DICOM database: ultrasound calibrated by regions only")
+        with tempfile.TemporaryDirectory() as folder, DICOMUtils.TemporaryDICOMDatabase() as db:
+            pixels = (np.arange(120 * 160) % 251).astype(np.uint8).reshape(120, 160)
+            path = write_us_dicom(os.path.join(folder, "us.dcm"), pixels, (0.16, 0.14), calibration="us_region")
+            DICOMUtils.importDicom(folder, db)
+            loaded = DICOMUtils.loadSeriesByUID([str(pydicom.dcmread(str(path)).SeriesInstanceUID)])
+            self.assertTrue(loaded, "the DICOM module loaded nothing")
+            volume = slicer.mrmlScene.GetNodeByID(loaded[0])
+            self.assertEqual(nodes.dicom_file(volume, slicer.dicomDatabase), str(path))
+            self.ui.inputVolumeSelector.setCurrentNode(volume)
+            grey, report = self.widget.logic.prepare(volume, database=slicer.dicomDatabase)
+            self.assertAlmostEqual(report["spacing"].row_mm, 0.16, places=6)
+            self.assertAlmostEqual(report["spacing"].col_mm, 0.14, places=6)
+            self.assertIn("PhysicalDeltaX/Y", report["source"])
+            self.assertIn("PhysicalDeltaX/Y", self.ui.spacingLabel.text)
+        self.delayDisplay("DICOM database test passed")
 
     def test_server_flow_through_the_buttons(self):
         url = os.environ.get("FETALHC_SERVER_URL")

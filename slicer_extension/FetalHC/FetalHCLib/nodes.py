@@ -25,7 +25,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .shared import geometry, io, result as fresult
+from .shared import io, result as fresult
 
 SEGMENT_ID, SEGMENT_NAME, SEGMENT_COLOR = "fetal_head", "Fetal head", (0.95, 0.55, 0.25)
 CURVE_COLOR = (1.0, 0.85, 0.1)
@@ -539,6 +539,13 @@ def _num(v, fmt):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _ordinal(centile: float) -> str:
+    if centile < 1 or centile > 99:
+        return "<1st" if centile < 1 else ">99th"
+    n = int(round(centile))
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def result_rows(res) -> list[tuple[str, str]]:
     """(quantity, value) lines shown in the panel and stored in the table."""
     hc_text = f"{res.hc_mm:.1f} mm" if res.hc_mm is not None else (
@@ -546,11 +553,11 @@ def result_rows(res) -> list[tuple[str, str]]:
     bio = res.biometry()
     ga = res.ga.text + (f" ({res.ga.weeks:.1f} weeks)" if res.ga.weeks is not None else "")
     centile = "n/a (enter the known GA)" if res.centile is None else (
-        f"{res.centile['centile']:.0f}th (z {res.centile['z']:+.2f}) at {res.centile['ga_weeks']:g} weeks")
+        f"{_ordinal(res.centile['centile'])} (z {res.centile['z']:+.2f}) at {res.centile['ga_weeks']:g} w, INTERGROWTH-21st")
     sp = res.spacing
     rows = [("HC", hc_text), ("BPD", _num(bio["bpd_mm"], ".1f") + " mm"), ("OFD", _num(bio["ofd_mm"], ".1f") + " mm"),
             ("Cephalic index", _num(bio["cephalic_index"], ".1f")), ("GA (Hadlock)", ga),
-            ("HC centile (INTERGROWTH-21st)", centile), ("QC", qc_line(res)),
+            ("HC centile", centile), ("QC", qc_line(res)),
             ("Score", _num(res.score, ".3f")), ("Outline", res.outline_source),
             ("Pixel spacing", f"{sp.col_mm:.4f} x {sp.row_mm:.4f} mm (col x row)" if sp else "unknown"),
             ("Spacing source", sp.source if sp else "none"),

@@ -291,7 +291,10 @@ def test_cine_as_a_sequence_proxy_node_gets_the_dicom_spacing_and_a_stable_frame
     browser.SetSelectedItemNumber(0)  # browsing on does not change the measured frame
     seq_logic.UpdateProxyNodesFromSequences(browser)
     assert np.array_equal(nodes.volume_array(grey)[0], frames[2])
-    assert np.array_equal(nodes.volume_array(logic.prepare(proxy, dicom_file=str(path))[0])[0], frames[0])
+    assert proxy.GetSpacing()[:2] == pytest.approx((1.0, 1.0))  # the browser rewrote the proxy
+    grey0, report0 = logic.prepare(proxy, dicom_file=str(path))
+    assert np.array_equal(nodes.volume_array(grey0)[0], frames[0]) and grey0 is not grey
+    assert report0["spacing"].as_tuple() == pytest.approx((0.2, 0.25)) and grey0.GetSpacing()[:2] == pytest.approx((0.25, 0.2))
 
 
 def slicer_volume(frame):
@@ -519,3 +522,26 @@ def test_widget_uses_only_widgets_of_the_ui_file_and_cmake_lists_every_script():
     top = (EXTENSION / "CMakeLists.txt").read_text()
     assert 'set(EXTENSION_CATEGORY "Ultrasound")' in top and "add_subdirectory(FetalHC)" in top
     assert "pip_install" not in source + "".join(p.read_text() for p in (MODULE_DIR / "FetalHCLib").glob("*.py"))
+
+
+def test_events_that_change_no_outline_are_no_edit(scene, logic):
+    """e.g. Slicer converting the segment to a closed surface for 3D, or selecting a curve point."""
+    volume, mask, _ = selftest.synthetic_volume(scene)
+    selftest.show_synthetic_ai(logic, volume, mask)
+    seg = volume.GetNodeReference(nodes.REF_SEG)
+    seg.CreateClosedSurfaceRepresentation()
+    volume.GetNodeReference(nodes.REF_CURVE).SetNthControlPointSelected(0, False)
+    logic._edited(volume.GetID(), "edited mask")
+    logic._edited(volume.GetID(), "edited ellipse")
+    assert logic.flush() == [] and logic.current_result(volume).outline_source == "AI"
+
+
+def test_changing_the_known_ga_updates_the_centile(scene, logic):
+    volume, mask, _ = selftest.synthetic_volume(scene)
+    res = selftest.show_synthetic_ai(logic, volume, mask)
+    assert res.centile is None
+    logic.set_known_ga(20.0)
+    assert logic.refresh_centile(volume).centile["ga_weeks"] == 20.0
+    logic.set_known_ga(50.0)  # outside INTERGROWTH-21st: a reason, no centile
+    out = logic.refresh_centile(volume)
+    assert out.centile is None and any("INTERGROWTH" in r for r in out.qc_reasons)

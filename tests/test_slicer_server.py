@@ -267,3 +267,18 @@ def test_errors_are_clear_messages(logic):
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(ServerError, match="no answer .* within 0.5 s"):
             MonaiLabelClient(url, timeouts={"infer": 0.5}).infer("fetal_head", image_id="011_HC")
+
+
+def test_no_head_is_a_red_result_and_painting_measures(logic):
+    """A blank frame: the server finds no head; the panel shows a failed result and an empty "Fetal head"
+    segment to paint in; painting gives the HC of the painted outline."""
+    volume = nodes.add_volume(logic.scene, np.full((270, 400), 30, np.uint8), "blank", io.Spacing(0.2, 0.2, "test"))
+    shown = logic.segment(volume)
+    assert shown.ellipse_px is None and shown.qc_ok is False and "no head" in shown.qc_text
+    assert any("paint the head" in w for w in shown.extra["warnings"])
+    assert nodes.table_values(volume)["QC"].startswith("FAILED") and nodes.segment_mask(volume).sum() == 0
+    painted = geometry.ellipse_mask(geometry.Ellipse.make(200, 135, 120, 90, 0.2), (270, 400)).astype(np.uint8)
+    nodes.set_head_segment(volume, painted)
+    res = logic.flush()[0]
+    _, mm = geometry.fit_mask(painted.astype(bool), (0.2, 0.2))
+    assert res.outline_source == "edited mask" and res.hc_mm == pytest.approx(mm.perimeter, abs=1e-3)

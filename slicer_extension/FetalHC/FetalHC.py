@@ -247,6 +247,9 @@ class FetalHCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onKnownGaChanged(self, value):
         self.logic.set_known_ga(value or None)
+        volume = self.ui.inputVolumeSelector.currentNode()
+        if volume is not None and self.logic.current_result(volume) is not None:
+            self.showResult(self.logic.refresh_centile(volume))
 
     def onSegment(self):
         volume = self.ui.inputVolumeSelector.currentNode()
@@ -266,6 +269,9 @@ class FetalHCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.inputVolumeSelector.setCurrentNode(req.volume)
             self.showResult(result)
             self.showStatus("")
+            if result.ellipse_px is None:
+                self.showStatus(f"No head measured: {result.qc_text}. Paint the head with the Segment Editor "
+                                "(the HC follows as you paint), or try another image.", RED, self.ui.segmentErrorLabel)
         self.run(f"Segmenting with '{model}' on {self.logic.client.url}", done,
                  background=lambda: self.logic.infer_call(req), errors=self.ui.segmentErrorLabel)
 
@@ -389,7 +395,7 @@ class FetalHCTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear(0)
         slicer.util.selectModule("FetalHC")
-        self.widget = slicer.modules.FetalHCWidget
+        self.widget = slicer.modules.fetalhc.widgetRepresentation().self()
         self.ui = self.widget.ui
 
     def runTest(self):

@@ -14,6 +14,7 @@ result are kept for "Revert to AI result".
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ import slicer
 from . import nodes
 from .client import DEFAULT_URL, InferResult, MonaiLabelClient, ServerError
 from .nodes import FetalHCError
-from .shared import geometry, io, result as fresult
+from .shared import clinical, geometry, io, result as fresult
 
 try:  # in Slicer; slicer-core (headless tests) has no Qt-based ScriptedLoadableModule
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
@@ -99,10 +100,6 @@ def server_summary(info: dict) -> dict:
             "trainers": sorted(info.get("trainers") or {}), "train_stats": info.get("train_stats") or {}}
 
 
-def immediate(_delay_ms, fn):
-    fn()
-
-
 class FetalHCLogic(_LogicBase):
     def __init__(self, scene=None, *, scheduler=None, timeouts: dict | None = None, workdir: str | None = None):
         if _LogicBase is not object:
@@ -114,6 +111,7 @@ class FetalHCLogic(_LogicBase):
         self._own_workdir = workdir is None
         self._client = None
         self._client_key = None
+        self._url = None  # from the parameter node; kept here so worker threads never touch MRML
         self.token = None  # None: env FETALHC_API_TOKEN
         self.info = None
         self._observations: dict[str, list] = {}
@@ -130,7 +128,7 @@ class FetalHCLogic(_LogicBase):
             node = slicer.vtkMRMLScriptedModuleNode()
             node.SetSingletonTag("FetalHC")
             node.SetName("FetalHC")
-            node.SetModuleName("FetalHC") if hasattr(node, "SetModuleName") else None
+            node.SetModuleName("FetalHC")
             node = self.scene.AddNode(node)
         for key, default in ((P_URL, DEFAULT_URL), (P_MODEL, DEFAULT_MODEL), (P_STRATEGY, DEFAULT_STRATEGY),
                              (P_GA, "")):
@@ -147,8 +145,9 @@ class FetalHCLogic(_LogicBase):
 
     @property
     def workdir(self) -> str:
-        if self._workdir is None or not os.path.isdir(self._workdir):
+        if self._workdir is None:
             self._workdir = tempfile.mkdtemp(prefix="fetalhc_")
+        os.makedirs(self._workdir, exist_ok=True)
         return self._workdir
 
     def cleanup(self) -> None:
@@ -162,8 +161,11 @@ class FetalHCLogic(_LogicBase):
     # ------------------------------------------------------------------------------ server
     @property
     def client(self) -> MonaiLabelClient:
-        """Client for the parameter node's URL (ServerError, shown in the panel, for a bad URL)."""
-        key = (self.parameter_node().GetParameter(P_URL), self.token)
+        """Client for the server URL (ServerError, shown in the panel, for a bad URL). Safe in a worker
+        thread once :meth:`set_server` (or a first use on the main thread) has read the parameter node."""
+        if self._url is None:
+            self._url = self.parameter_node().GetParameter(P_URL)
+        key = (self._url, self.token)
         if self._client is None or key != self._client_key:
             self._client = MonaiLabelClient(key[0], self.timeouts, self.token)
             self._client_key = key
@@ -171,9 +173,10 @@ class FetalHCLogic(_LogicBase):
         return self._client
 
     def set_server(self, url: str, token: str | None = None) -> None:
-        self.parameter_node().SetParameter(P_URL, (url or "").strip() or DEFAULT_URL)
+        self._url = (url or "").strip() or DEFAULT_URL
+        self.parameter_node().SetParameter(P_URL, self._url)
         self.token = token
-        self.client  # validate now  # noqa: B018
+        _ = self.client  # builds the client now: a bad URL is reported here
 
     def connect(self) -> dict:
         self.info = self.client.info()
@@ -198,7 +201,7 @@ class FetalHCLogic(_LogicBase):
     def is_dicom_input(volume) -> bool:
         name = volume.GetAttribute(nodes.ATTR_IMAGE_NAME) or ""
         return bool(nodes.dicom_instance_uids(volume) or volume.GetAttribute(nodes.ATTR_DICOM_FILE)
-                    or (name and io.file_kind(name) == "dicom"))
+                    or volume.GetAttribute(nodes.ATTR_FILE_KIND) == "dicom" or (name and io.file_kind(name) == "dicom"))
 
     # ------------------------------------------------------------------------ infer
     def infer_request(self, volume, model: str = DEFAULT_MODEL, **prepare_kw) -> InferRequest:
@@ -232,15 +235,11 @@ class FetalHCLogic(_LogicBase):
             finally:
                 _remove(path)
         result = fresult.Result.from_dict(res.params or {})
-        result.outline_source = fresult.OUTLINE_AI
         result.extra["warnings"] = list(result.extra.pop("input_warnings", None) or [])
-        if result.ellipse_px is None:
-            if mask is not None:
-                with self._writing():
-                    nodes.set_head_segment(volume, mask)
-            reasons = result.qc_text if result.qc_reasons else "no head found"
-            raise FetalHCError(f"No head measured: {reasons}. Paint the head with the Segment Editor (the HC "
-                               "updates as you paint), or try another image.")
+        if result.ellipse_px is None:  # no head: a red result, and an empty segment to paint it in
+            result.qc_ok = False
+            result.qc_reasons = result.qc_reasons or ["no head found"]
+            mask = mask if mask is not None else np.zeros(nodes.image_shape(volume), np.uint8)
         return self.accept_ai(volume, result, mask)
 
     def accept_ai(self, volume, result, mask: np.ndarray | None):
@@ -275,14 +274,42 @@ class FetalHCLogic(_LogicBase):
             ellipse = nodes.ellipse_for_curve(res)
             if ellipse is not None and curve:
                 nodes.set_head_curve(volume, ellipse)
+            elif ellipse is None and volume.GetNodeReference(nodes.REF_CURVE) is not None:
+                volume.GetNodeReference(nodes.REF_CURVE).RemoveAllControlPoints()  # no stale outline
         res.extra["curve_length_mm"] = nodes.curve_length_mm(volume) if ellipse is not None else None
         if res.hc_mm is None and res.hc_px is not None and nodes.volume_spacing(volume) is None:
             warnings.append("no pixel spacing: HC is in pixels only; enter the pixel size")
         res.extra["warnings"] = warnings
+        if res.ellipse_px is None and res.outline_source == fresult.OUTLINE_AI:
+            warnings.append("No head measured: paint the head with the Segment Editor (the HC follows as you "
+                            "paint), or try another image.")
         nodes.store_result(volume, res)
         nodes.update_table(volume, res)
+        self._remember_outlines(volume)
         self.observe(volume)
         return res
+
+    @staticmethod
+    def _remember_outlines(volume) -> None:
+        """Digests of the segment and curve just shown: an event that changes neither (a display
+        conversion, a selection) is no edit and must not turn an AI outline into an "edited" one."""
+        volume.SetAttribute(nodes.ATTR_MASK_DIGEST, nodes.mask_digest(volume))
+        volume.SetAttribute(nodes.ATTR_CURVE_DIGEST, nodes.curve_digest(volume))
+
+    def refresh_centile(self, volume):
+        """After the known GA changed: the shown result's centile for the new GA (same clinical core)."""
+        res = self.current_result(volume)
+        if res is None or res.hc_mm is None:
+            return res
+        ga = self.known_ga()
+        res.qc_reasons = [r for r in res.qc_reasons if "INTERGROWTH" not in r]
+        res.centile = None
+        if ga is not None:
+            try:
+                res.centile = clinical.hc_centile(res.hc_mm, ga)
+            except ValueError as e:
+                res.qc_reasons.append(str(e))
+        return self.show(volume, res, curve=False)
 
     def current_result(self, volume):
         return nodes.stored_result(volume)
@@ -334,10 +361,17 @@ class FetalHCLogic(_LogicBase):
             volume = self.scene.GetNodeByID(vid)
             if volume is None:
                 continue
+            digest = nodes.mask_digest(volume) if kind == fresult.OUTLINE_MASK else nodes.curve_digest(volume)
+            attr = nodes.ATTR_MASK_DIGEST if kind == fresult.OUTLINE_MASK else nodes.ATTR_CURVE_DIGEST
+            if digest == volume.GetAttribute(attr):
+                continue  # the event changed nothing we measure
             try:
                 res = self.remeasure(volume, kind)
             except FetalHCError as e:
                 res = self._empty(volume, kind, str(e))
+            except Exception as e:  # a bug must not leave a stale HC on screen
+                logging.exception("FetalHC re-measurement")
+                res = self._empty(volume, kind, f"re-measurement failed: {type(e).__name__}: {e}")
             done.append(res)
             for listener in self.listeners:
                 listener(volume, res)
@@ -375,6 +409,7 @@ class FetalHCLogic(_LogicBase):
                              spacing=nodes.volume_spacing(volume))
         nodes.store_result(volume, res)
         nodes.update_table(volume, res)
+        self._remember_outlines(volume)
         return res
 
     def revert_to_ai(self, volume):
@@ -489,9 +524,11 @@ class FetalHCLogic(_LogicBase):
     def apply_next_image(self, got: dict):
         sample = got["sample"]
         try:
+            kind = io.detect_kind(got["path"])
             volume = nodes.load_image_volume(self.scene, got["path"], name=sample["id"])
         finally:
             _remove(got["path"])
+        volume.SetAttribute(nodes.ATTR_FILE_KIND, kind)
         volume.SetAttribute(nodes.ATTR_IMAGE_ID, sample["id"])
         volume.SetAttribute(nodes.ATTR_IMAGE_NAME, sample.get("name") or os.path.basename(got["path"]))
         info_mm = (sample.get("info") or {}).get("pixel_size_mm") or sample.get("pixel_size_mm")

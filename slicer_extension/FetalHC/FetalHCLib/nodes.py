@@ -12,6 +12,7 @@ IJK->RAS matrix (which holds spacing, flips and origin). Spacing is (row_mm, col
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,8 @@ ATTR_RESULT = "FetalHC.Result"  # Result.to_dict() JSON of what the panel shows
 ATTR_AI_RESULT = "FetalHC.AIResult"  # the server's result, for "Revert to AI result"
 ATTR_INPUT = "FetalHC.Input"  # on a derived grey volume: the frame it holds
 ATTR_DICOM_FILE = "FetalHC.DicomFile"  # the DICOM file the calibration was read from
+ATTR_FILE_KIND = "FetalHC.FileKind"  # of a downloaded datastore image: dicom, nrrd, nifti, raster
+ATTR_MASK_DIGEST, ATTR_CURVE_DIGEST = "FetalHC.MaskDigest", "FetalHC.CurveDigest"  # of the outline last measured
 ATTR_UIDS = "DICOM.instanceUIDs"  # set by Slicer's DICOM module
 REF_GREY, REF_SEG, REF_CURVE, REF_TABLE = "FetalHC.Grey", "FetalHC.Segmentation", "FetalHC.Curve", "FetalHC.Table"
 REF_AI_MASK = "FetalHC.AIMask"  # labelmap with the server's mask, for "Revert to AI result"
@@ -183,6 +186,8 @@ def resolve_spacing(volume, *, dicom_file: str | None = None, manual_mm: float |
     file without a suffix). Otherwise HC can only be given in pixels until the user enters the pixel size.
     """
     warnings: list[str] = []
+    if sequence_of(volume) is not None and manual_mm is None:
+        volume.RemoveAttribute(ATTR_SPACING_SOURCE)  # browsing a sequence rewrites the proxy: read again
     if manual_mm is not None:
         set_spacing(volume, manual_mm, manual_mm, SRC_MANUAL)
     elif not volume.GetAttribute(ATTR_SPACING_SOURCE):
@@ -451,6 +456,23 @@ def segment_mask(volume) -> np.ndarray:
         raise FetalHCError("exporting the 'Fetal head' segment to a labelmap failed")
     arr = volume_array(label)
     return (arr.reshape(arr.shape[-2:]) > 0).astype(np.uint8)
+
+
+def mask_digest(volume) -> str:
+    """Digest of the head segment on the image grid ("" without one)."""
+    if not has_segment(volume):
+        return ""
+    mask = segment_mask(volume)
+    return hashlib.sha1(np.packbits(mask > 0).tobytes() + str(mask.shape).encode()).hexdigest()
+
+
+def curve_digest(volume) -> str:
+    """Digest of the HC curve's control points, to 1e-6 mm ("" without a curve)."""
+    curve = volume.GetNodeReference(REF_CURVE)
+    if curve is None or not curve.GetNumberOfControlPoints():
+        return ""
+    ras = [curve.GetNthControlPointPositionWorld(i) for i in range(curve.GetNumberOfControlPoints())]
+    return hashlib.sha1(np.round(np.array(ras), 6).tobytes()).hexdigest()
 
 
 def store_ai_mask(volume, mask: np.ndarray) -> None:

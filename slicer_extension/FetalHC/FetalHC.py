@@ -414,9 +414,13 @@ class FetalHCTest(ScriptedLoadableModuleTest):
     def test_live_correction_through_the_panel(self):
         self.delayDisplay("Live measurement: edit the mask, drag the curve, Revert to AI result")
 
-        def wait():
+        def wait():  # select the edited volume, let the debounce timer fire, check the banner followed
+            volume = slicer.util.getNode("FetalHC synthetic")
+            self.ui.inputVolumeSelector.setCurrentNode(volume)
             self.waitForDebounce()
-            self.assertIn("HC", self.ui.qcBannerLabel.text)
+            shown = self.widget.logic.current_result(volume)
+            self.assertIn(f"({shown.outline_source})", self.ui.qcBannerLabel.text)
+            self.assertIn(f"{shown.hc_mm:.1f} mm", self.ui.qcBannerLabel.text)
 
         def revert(volume):
             self.ui.inputVolumeSelector.setCurrentNode(volume)
@@ -480,6 +484,16 @@ class FetalHCTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(result.hc_mm)
         self.assertLess(selftest.agreement(result), selftest.AGREEMENT)
         self.assertIn(f"{result.hc_mm:.1f} mm", self.ui.qcBannerLabel.text)
+        self.assertFalse(self.ui.savePacsButton.enabled)  # a PNG is no DICOM input
+        selftest.scale_curve(self.ui.inputVolumeSelector.currentNode(), 1.05)  # drag the outline
+        self.waitForDebounce()
+        self.assertIn("(edited ellipse)", self.ui.qcBannerLabel.text)
         self.ui.submitButton.click()
         self.assertIn("Saved the final label", self.ui.submitErrorLabel.text)
+        self.assertIn("edited ellipse", self.ui.submitErrorLabel.text)
+        self.ui.nextImageButton.click()
+        self.assertEqual(self.ui.segmentErrorLabel.text, "", self.ui.segmentErrorLabel.text)
+        self.assertTrue(self.ui.inputVolumeSelector.currentNode().GetAttribute(nodes.ATTR_IMAGE_ID))
+        self.ui.segmentButton.click()
+        self.assertIn("HC", self.ui.qcBannerLabel.text)
         self.delayDisplay(f"Server flow passed: HC {result.hc_mm:.1f} mm")

@@ -21,7 +21,7 @@ import pytest
 
 from slicer_support import EXTENSION, MODULE_DIR, ROOT, new_scene
 
-from FetalHCLib import client as hcclient, nodes, selftest, shared  # noqa: E402
+from FetalHCLib import client as hcclient, files, nodes, results, selftest, shared  # noqa: E402
 from FetalHCLib.logic import FetalHCLogic, train_progress  # noqa: E402
 from fetalhc import clinical, geometry, io, result as fresult  # noqa: E402
 from fetalhc.dicomgen import write_us_dicom  # noqa: E402
@@ -143,7 +143,7 @@ def test_live_correction_edit_mask_drag_curve_revert(scene, logic):
     assert curve.IsA("vtkMRMLMarkupsClosedCurveNode") and curve.GetMeasurement("length").GetEnabled()
     assert curve.GetMeasurement("length").GetValueWithUnitsAsPrintableString().endswith("mm")
     assert not logic.pending  # Revert (a programmatic write) scheduled nothing
-    table = nodes.table_values(volume)
+    table = results.table_values(volume)
     assert table["HC"] == f"{ai.hc_mm:.1f} mm" and table["Outline"] == "AI" and table["QC"] == "OK"
     assert table["BPD"] == f"{2 * ai.ellipse_mm.b:.1f} mm" and table["Cephalic index"] != "n/a"
     assert case["after_curve"].extra["warnings"] == []
@@ -175,7 +175,7 @@ def test_submit_measures_a_pending_edit_first_and_sends_the_outline_shown(scene,
     shown = logic.current_result(volume)
     assert req.params["measurement"]["hc_mm"] == pytest.approx(shown.hc_mm, abs=1e-3)
     assert req.upload.endswith(".nrrd") and req.label.endswith(".nrrd")  # label format follows the image's
-    assert np.array_equal(nodes.read_label_file(req.label, edited.shape), edited > 0)
+    assert np.array_equal(files.read_label_file(req.label, edited.shape), edited > 0)
     with pytest.raises(nodes.FetalHCError, match="DICOM"):
         logic.submit_request(volume, pacs=True)  # not a DICOM input
 
@@ -187,8 +187,8 @@ def test_known_ga_from_the_parameter_node_gives_the_centile(scene, logic):
     res = selftest.show_synthetic_ai(logic, volume, mask)
     expected = clinical.hc_centile(res.hc_mm, 24.5)
     assert res.centile["centile"] == pytest.approx(expected["centile"])
-    assert nodes.table_values(volume)["HC centile"].startswith(nodes._ordinal(expected["centile"]))
-    assert [nodes._ordinal(c) for c in (0.3, 1.2, 2.0, 3.4, 11.0, 22.0, 50.0, 99.5)] == \
+    assert results.table_values(volume)["HC centile"].startswith(results._ordinal(expected["centile"]))
+    assert [results._ordinal(c) for c in (0.3, 1.2, 2.0, 3.4, 11.0, 22.0, 50.0, 99.5)] == \
         ["<1st", "1st", "2nd", "3rd", "11th", "22nd", "50th", ">99th"]
     assert logic.parameter_node() is logic.parameter_node()  # one parameter node per scene
 
@@ -198,8 +198,8 @@ def test_failed_qc_and_an_emptied_segment_are_shown_as_failures(scene, logic):
     res = selftest.show_synthetic_ai(logic, volume, mask)
     res.qc_ok, res.qc_reasons = False, ["head cut by the image border: HC extrapolated"]
     logic.accept_ai(volume, res, mask)
-    assert nodes.qc_line(logic.current_result(volume)) == "FAILED: head cut by the image border: HC extrapolated"
-    assert nodes.table_values(volume)["QC"].startswith("FAILED")
+    assert results.qc_line(logic.current_result(volume)) == "FAILED: head cut by the image border: HC extrapolated"
+    assert results.table_values(volume)["QC"].startswith("FAILED")
     nodes.set_head_segment(volume, np.zeros_like(mask))
     empty = logic.flush()[0]
     assert empty.qc_ok is False and "empty" in empty.qc_text and empty.hc_mm is None
@@ -216,7 +216,7 @@ def test_pixels_only_without_spacing_then_manual_pixel_size(scene, logic):
     res = logic.accept_ai(volume, fresult.measure_points(pts, None), mask)
     assert res.hc_mm is None and res.hc_px == pytest.approx(e.perimeter, rel=5e-3)
     assert any("no pixel spacing" in w for w in res.extra["warnings"])
-    assert nodes.table_values(volume)["HC"].endswith("px (no spacing)")
+    assert results.table_values(volume)["HC"].endswith("px (no spacing)")
     logic.prepare(volume, manual_mm=0.2)
     rec = logic.remeasure(volume, "edited mask")
     assert rec.hc_mm == pytest.approx(0.2 * e.perimeter, rel=5e-3) and rec.spacing.source == nodes.SRC_MANUAL
@@ -228,7 +228,7 @@ def test_pixels_only_without_spacing_then_manual_pixel_size(scene, logic):
 # -------------------------------------------------------------------------------- spacing & input
 
 def _grey_sample() -> np.ndarray:
-    return io.to_grey_uint8(nodes.read_raster(str(SAMPLE)))
+    return io.to_grey_uint8(files.read_raster(str(SAMPLE)))
 
 
 def _as_slicer_dicom_volume(scene, path, rgb: bool):
@@ -330,13 +330,13 @@ def test_files_without_a_suffix_get_the_right_spacing(scene, logic, tmp_path, ki
         expected = (0.16, 0.14)
     elif kind == "nrrd":
         volume = nodes.add_volume(scene, pixels, "n", io.Spacing(0.17, 0.11, "test"))
-        os.rename(nodes.write_upload_file(volume, str(tmp_path)), bare)
+        os.rename(files.write_upload_file(volume, str(tmp_path)), bare)
         expected = (0.17, 0.11)
     else:
-        os.rename(nodes.write_png(pixels, str(tmp_path / "p.png")), bare)
+        os.rename(files.write_png(pixels, str(tmp_path / "p.png")), bare)
         expected = None
     assert io.detect_kind(bare) == ("raster" if kind == "png" else kind)
-    volume = nodes.load_image_volume(scene, str(bare))
+    volume = files.load_image_volume(scene, str(bare))
     assert np.array_equal(nodes.volume_array(volume)[0], pixels)
     spacing = logic.prepare(volume)[1]["spacing"]
     assert (spacing.as_tuple() if spacing else None) == (pytest.approx(expected) if expected else None)
@@ -374,29 +374,29 @@ def test_upload_file_reads_back_identically_with_fetalhc_io(scene, tmp_path):
     pixels = rng.integers(0, 255, (37, 53), dtype=np.uint8)
     volume = nodes.add_volume(scene, pixels, "aniso", ijk_to_ras_matrix=selftest.flipped_ijk_to_ras((0.17, 0.11)))
     volume.SetAttribute(nodes.ATTR_SPACING_SOURCE, "test")
-    nrrd_path = nodes.write_upload_file(volume, str(tmp_path))
+    nrrd_path = files.write_upload_file(volume, str(tmp_path))
     if _has("nrrd"):  # the server's reader (pynrrd: not in Slicer's Python)
         back = io.load_image(nrrd_path)
         assert np.array_equal(back.pixels, pixels) and back.spacing.as_tuple() == pytest.approx((0.17, 0.11))
-    loaded = nodes.load_image_volume(scene, nrrd_path)  # MRML's reader: geometry and header spacing kept
+    loaded = files.load_image_volume(scene, nrrd_path)  # MRML's reader: geometry and header spacing kept
     assert np.allclose(nodes.ijk_to_ras(loaded)[:, [0, 1, 3]], nodes.ijk_to_ras(volume)[:, [0, 1, 3]])
     assert np.array_equal(nodes.volume_array(loaded)[0], pixels)
     assert nodes.volume_spacing(loaded).source == "NRRD header"
     volume.RemoveAttribute(nodes.ATTR_SPACING_SOURCE)  # unknown spacing: PNG, no invented 1.0 mm
-    png_path = nodes.write_upload_file(volume, str(tmp_path))
-    assert png_path.endswith(".png") and np.array_equal(nodes.read_raster(png_path), pixels)
+    png_path = files.write_upload_file(volume, str(tmp_path))
+    assert png_path.endswith(".png") and np.array_equal(files.read_raster(png_path), pixels)
 
 
 def test_png_reader_and_writer_agree_with_opencv(tmp_path):
     cv2 = pytest.importorskip("cv2", reason="OpenCV is only in the server's dependency set")
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 255, (23, 41), dtype=np.uint8)
-    path = nodes.write_png(pixels, str(tmp_path / "a.png"))
+    path = files.write_png(pixels, str(tmp_path / "a.png"))
     assert np.array_equal(cv2.imread(path, cv2.IMREAD_UNCHANGED), pixels)
-    assert np.array_equal(nodes.read_raster(str(SAMPLE)), cv2.imread(str(SAMPLE), cv2.IMREAD_GRAYSCALE))
+    assert np.array_equal(files.read_raster(str(SAMPLE)), cv2.imread(str(SAMPLE), cv2.IMREAD_GRAYSCALE))
     jpg = tmp_path / "b.jpg"
     cv2.imwrite(str(jpg), np.dstack([pixels, pixels // 2, 255 - pixels]))
-    assert np.array_equal(io.to_grey_uint8(nodes.read_raster(str(jpg)), "RGB"), io.load_image(jpg).pixels)
+    assert np.array_equal(io.to_grey_uint8(files.read_raster(str(jpg)), "RGB"), io.load_image(jpg).pixels)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".nrrd", ".nii.gz"])
@@ -406,15 +406,15 @@ def test_labels_round_trip(scene, tmp_path, suffix):
     mask[0, :5] = 1  # asymmetric marker: catches transposes and flips
     volume = nodes.add_volume(scene, mask * 50, "lbl", ijk_to_ras_matrix=selftest.flipped_ijk_to_ras((0.17, 0.11)))
     volume.SetAttribute(nodes.ATTR_SPACING_SOURCE, "test")
-    path = nodes.write_label_file(mask, volume, str(tmp_path), suffix)
+    path = files.write_label_file(mask, volume, str(tmp_path), suffix)
     assert path.endswith(suffix)
-    assert np.array_equal(nodes.read_label_file(path, (37, 53)), mask)
+    assert np.array_equal(files.read_label_file(path, (37, 53)), mask)
     if _has({".png": "cv2", ".nrrd": "nrrd", ".nii.gz": "nibabel"}[suffix]):  # the server's dependency set
         assert np.array_equal(io.load_image(path).pixels > 0, mask > 0)  # as the server's trainer reads it
     with pytest.raises(nodes.FetalHCError, match="same pixel grid"):
-        nodes.read_label_file(path, (53, 37))
+        files.read_label_file(path, (53, 37))
     with pytest.raises(nodes.FetalHCError, match="empty"):
-        nodes.write_label_file(np.zeros_like(mask), volume, str(tmp_path))
+        files.write_label_file(np.zeros_like(mask), volume, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------- REST client

@@ -21,7 +21,7 @@ import pytest
 
 from slicer_support import ROOT, new_scene
 
-from FetalHCLib import nodes, selftest  # noqa: E402
+from FetalHCLib import files, nodes, results, selftest  # noqa: E402
 from FetalHCLib.client import MonaiLabelClient, ServerError  # noqa: E402
 from FetalHCLib.logic import FetalHCLogic  # noqa: E402
 from fetalhc import geometry, io  # noqa: E402
@@ -121,7 +121,7 @@ def _check_shown(volume, result):
     mask = nodes.segment_mask(volume)
     refit, _ = geometry.fit_mask(mask.astype(bool))
     assert refit.perimeter == pytest.approx(result.ellipse_px.perimeter, rel=0.03)  # hard vs the server's soft mask
-    table = nodes.table_values(volume)
+    table = results.table_values(volume)
     assert table["HC"] == f"{result.hc_mm:.1f} mm" and table["Model version"] == result.model_version
     assert table["QC"] == ("OK" if result.qc_ok else f"FAILED: {result.qc_text}")
     assert table["BPD"] == f"{result.biometry()['bpd_mm']:.1f} mm"
@@ -139,7 +139,7 @@ def test_connect_lists_models_and_strategies(logic):
 def test_segment_uploaded_png_then_edit_and_revert(logic):
     truth = io.read_pixel_csv(SAMPLES / HC18_CSV)
     logic.set_known_ga(20.5)
-    volume = nodes.load_image_volume(logic.scene, str(SAMPLES / "399_HC.png"))
+    volume = files.load_image_volume(logic.scene, str(SAMPLES / "399_HC.png"))
     grey, report = logic.prepare(volume, manual_mm=truth["399_HC.png"])
     assert grey is volume and report["source"] == nodes.SRC_MANUAL
     req = logic.infer_request(volume)
@@ -183,7 +183,7 @@ def test_next_image_then_infer_by_datastore_id(logic, server):
 def test_ultrasound_dicom_calibrated_by_regions_only(logic, tmp_path):
     """Slicer's DICOM volume shows 1.0 mm; the module reads PhysicalDeltaX/Y, converts RGB to grey, uploads NRRD."""
     import pydicom
-    grey_png = io.to_grey_uint8(nodes.read_raster(str(SAMPLES / "399_HC.png")))
+    grey_png = io.to_grey_uint8(files.read_raster(str(SAMPLES / "399_HC.png")))
     path = write_us_dicom(tmp_path / "us.dcm", np.dstack([grey_png] * 3), (0.14, 0.14), calibration="us_region",
                           photometric="RGB")
     ds = pydicom.dcmread(str(path))
@@ -224,7 +224,7 @@ def test_submit_correction_saves_exactly_the_outline_shown(logic, server, tmp_pa
     label = tmp_path / "final.png"
     label.write_bytes(urllib.request.urlopen(
         f"{server['url']}/datastore/label?label={image_id}&tag=final", timeout=30).read())
-    assert np.array_equal(nodes.read_raster(str(label)), edited)
+    assert np.array_equal(files.read_raster(str(label)), edited)
     # an image the server does not have yet is uploaded first, then labelled
     local = nodes.add_volume(logic.scene, np.full((64, 96), 60, np.uint8), "local scan", io.Spacing(0.2, 0.2, "test"))
     logic.accept_ai(local, selftest.fresult.measure_points(
@@ -255,7 +255,7 @@ def test_training_refused_while_running_still_saves_and_progress_ends_done(logic
 def test_errors_are_clear_messages(logic):
     with pytest.raises(ServerError, match="connection refused"):
         MonaiLabelClient(f"http://127.0.0.1:{_free_port()}").info()
-    volume = nodes.load_image_volume(logic.scene, str(SAMPLES / "011_HC.png"))
+    volume = files.load_image_volume(logic.scene, str(SAMPLES / "011_HC.png"))
     volume.SetAttribute(nodes.ATTR_IMAGE_ID, "no_such_image")
     with pytest.raises(ServerError, match="404.*unknown image id"):
         logic.segment(volume)
@@ -276,7 +276,7 @@ def test_no_head_is_a_red_result_and_painting_measures(logic):
     shown = logic.segment(volume)
     assert shown.ellipse_px is None and shown.qc_ok is False and "no head" in shown.qc_text
     assert any("paint the head" in w for w in shown.extra["warnings"])
-    assert nodes.table_values(volume)["QC"].startswith("FAILED") and nodes.segment_mask(volume).sum() == 0
+    assert results.table_values(volume)["QC"].startswith("FAILED") and nodes.segment_mask(volume).sum() == 0
     painted = geometry.ellipse_mask(geometry.Ellipse.make(200, 135, 120, 90, 0.2), (270, 400)).astype(np.uint8)
     nodes.set_head_segment(volume, painted)
     res = logic.flush()[0]

@@ -13,7 +13,7 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from FetalHCLib import nodes, selftest
+from FetalHCLib import files, nodes, results, selftest
 from FetalHCLib.client import DEFAULT_URL, ServerError
 from FetalHCLib.logic import DEFAULT_MODEL, DEFAULT_STRATEGY, P_MODEL, P_STRATEGY, FetalHCLogic
 from FetalHCLib.shared import CHECKOUT_LIB
@@ -180,11 +180,11 @@ class FetalHCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.qcBannerLabel.text = "No result yet."
             self.ui.resultLabel.text = "No result yet."
             return
-        rows = nodes.result_rows(res)
+        rows = results.result_rows(res)
         color = GREEN if res.qc_ok else (RED if res.qc_ok is False else AMBER)
         hc = dict(rows)["HC"]
         head = {True: "QC OK", False: "QC FAILED", None: "QC not re-run"}[res.qc_ok]
-        reason = "" if res.qc_ok else f"<br>{nodes.qc_line(res)}"
+        reason = "" if res.qc_ok else f"<br>{results.qc_line(res)}"
         self.ui.qcBannerLabel.text = (f"<div style='background:{color};color:white;padding:4px'><b>HC {hc}</b> "
                                       f"({res.outline_source}) &mdash; {head}{reason}</div>")
         html = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in rows if k != "Warning")
@@ -474,7 +474,7 @@ class FetalHCTest(ScriptedLoadableModuleTest):
         self.ui.serverUrlEdit.text = url
         self.ui.connectButton.click()
         self.assertEqual(self.ui.connectErrorLabel.text, "")
-        volume = nodes.load_image_volume(slicer.mrmlScene, image)
+        volume = files.load_image_volume(slicer.mrmlScene, image)
         self.ui.inputVolumeSelector.setCurrentNode(volume)
         self.ui.pixelSizeSpinBox.value = float(os.environ.get("FETALHC_TEST_PIXEL_MM", "0.137776202626"))
         self.ui.applyPixelSizeButton.click()

@@ -13,20 +13,14 @@ IJK->RAS matrix (which holds spacing, flips and origin). Spacing is (row_mm, col
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import shutil
-import struct
-import tempfile
-import zlib
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .shared import io, result as fresult
+from .shared import io
 
 SEGMENT_ID, SEGMENT_NAME, SEGMENT_COLOR = "fetal_head", "Fetal head", (0.95, 0.55, 0.25)
 CURVE_COLOR = (1.0, 0.85, 0.1)
@@ -60,10 +54,10 @@ def volume_array(volume) -> np.ndarray:
     image = volume.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None:
         raise FetalHCError(f"volume '{volume.GetName()}' has no image data")
-    return _image_array(image)
+    return image_array(image)
 
 
-def _image_array(image) -> np.ndarray:
+def image_array(image) -> np.ndarray:
     dims = image.GetDimensions()
     comps = image.GetNumberOfScalarComponents()
     arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
@@ -230,69 +224,6 @@ def add_volume(scene, pixels: np.ndarray, name: str, spacing=None, ijk_to_ras_ma
     return volume
 
 
-def read_raster(path: str) -> np.ndarray:
-    """PNG/JPEG/BMP/TIFF (recognised by content) as (H, W) or (H, W, C), first file row first."""
-    reader = vtk.vtkImageReader2Factory.CreateImageReader2(path)
-    if reader is None:
-        raise FetalHCError(f"cannot read {os.path.basename(path)}: not a PNG, JPEG, BMP, TIFF, DICOM, NRRD or NIfTI image")
-    reader.SetFileName(path)
-    reader.Update()
-    image = reader.GetOutput()
-    if image is None or image.GetPointData().GetScalars() is None:
-        raise FetalHCError(f"cannot decode {os.path.basename(path)}")
-    return np.ascontiguousarray(_image_array(image)[0][::-1])  # VTK readers put the last file row first
-
-
-def write_png(pixels: np.ndarray, path: str) -> str:
-    """8-bit grey PNG (zlib; no OpenCV in Slicer), rows in array order."""
-    arr = np.ascontiguousarray(np.asarray(pixels, np.uint8))
-    h, w = arr.shape
-    raw = b"".join(b"\x00" + arr[r].tobytes() for r in range(h))
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) +
-                chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    return path
-
-
-def load_image_volume(scene, path: str, name: str | None = None):
-    """Load an image file (name suffix or none) as a volume: NRRD/NIfTI with MRML's reader (orientation
-    kept), DICOM with fetalhc.io (grey pixels + header spacing), rasters with VTK's readers."""
-    name = name or os.path.basename(path).split(".")[0]
-    kind = io.detect_kind(path)
-    if kind in ("nrrd", "nifti"):
-        suffix = {"nrrd": io.NRRD_SUFFIXES, "nifti": io.NIFTI_SUFFIXES}[kind]
-        if path.lower().endswith(suffix):
-            return _read_with_mrml(scene, path, name)
-        with tempfile.TemporaryDirectory(prefix="fetalhc_") as tmp:  # MRML picks its reader by suffix
-            named = os.path.join(tmp, "image" + suffix[0])
-            shutil.copyfile(path, named)
-            volume = _read_with_mrml(scene, named, name)
-            volume.SetAndObserveStorageNodeID(None)  # the copy is gone; saving asks for a new file
-        return volume
-    if kind == "dicom":
-        try:
-            loaded = io.load_image(path)
-        except io.InputError as e:
-            raise FetalHCError(str(e)) from None
-        return add_volume(scene, loaded.pixels, name, loaded.spacing)
-    return add_volume(scene, io.to_grey_uint8(read_raster(path), "RGB"), name)
-
-
-def _read_with_mrml(scene, path: str, name: str):
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = _storage(path, scene)
-    volume.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(volume):
-        scene.RemoveNode(volume)
-        raise FetalHCError(f"cannot read {os.path.basename(path)}")
-    volume.CreateDefaultDisplayNodes()
-    resolve_spacing(volume)
-    return volume
-
-
 def prepare_input(volume, frame: int | None = None):
     """The 2-D uint8 grey scalar volume FetalHC measures: ``volume`` itself when it already is one, else a
     derived volume "<name> (FetalHC grey)" (RGB -> BT.601 luma as in fetalhc.io, one frame of a cine,
@@ -335,67 +266,6 @@ def prepare_input(volume, frame: int | None = None):
     if derived.GetDisplayNode() is None:
         derived.CreateDefaultDisplayNodes()
     return derived
-
-
-def _storage(path: str, scene=None):
-    """MRML's volume reader/writer (NRRD, NIfTI...) for ``path``, in ``scene`` when given."""
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    if scene is not None:
-        scene.AddNode(storage)
-    storage.SetFileName(path)
-    return storage
-
-
-def _write_with_mrml(volume, path: str) -> str:
-    if os.path.exists(path):
-        os.remove(path)
-    storage = _storage(path)
-    storage.SetUseCompression(True)
-    if not storage.WriteData(volume):
-        raise FetalHCError(f"cannot write {path}")
-    return path
-
-
-def safe_name(volume) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in volume.GetName())[:60] or "image"
-
-
-def write_upload_file(volume, directory: str) -> str:
-    """The file sent to the server for a volume not in its datastore: NRRD (pixels + spacing + geometry,
-    read by fetalhc.io) when the spacing is known, else PNG (pixels only: no made-up 1.0 mm)."""
-    if volume_spacing(volume) is None:
-        return write_png(volume_array(volume)[0], os.path.join(directory, safe_name(volume) + ".png"))
-    return _write_with_mrml(volume, os.path.join(directory, safe_name(volume) + ".nrrd"))
-
-
-def read_label_file(path: str, shape: tuple[int, int]) -> np.ndarray:
-    """A label image from the server as (H, W) uint8 0/1 on the input's pixel grid. NRRD/NIfTI are read
-    with MRML's reader (file voxel order: i = column, j = row), PNG with VTK's."""
-    if io.detect_kind(path) in ("nrrd", "nifti"):
-        node = slicer.vtkMRMLLabelMapVolumeNode()
-        scene = slicer.vtkMRMLScene()  # private scratch scene: nothing leaks into the user's
-        scene.AddNode(node)
-        if not _storage(path, scene).ReadData(node):
-            raise FetalHCError(f"cannot read the label file {os.path.basename(path)} sent by the server")
-        arr = volume_array(node)
-        arr = arr.reshape(arr.shape[-2:]) if arr.ndim == 3 and arr.shape[0] == 1 else arr
-    else:
-        arr = read_raster(path)
-    if arr.ndim != 2 or tuple(arr.shape) != tuple(shape):
-        raise FetalHCError(f"the server's label has shape {arr.shape}, the image {shape} (rows, columns): "
-                           "they must be on the same pixel grid")
-    return (arr > 0).astype(np.uint8)
-
-
-def write_label_file(mask: np.ndarray, volume, directory: str, suffix: str = ".png") -> str:
-    """``mask`` as a label file (0/1, uint8) on the volume's grid for ``PUT /datastore/label``."""
-    mask = np.asarray(mask, np.uint8)
-    if not mask.any():
-        raise FetalHCError("the outline is empty: paint the head before submitting")
-    base = os.path.join(directory, safe_name(volume) + "_label")
-    if suffix in RASTER_SUFFIXES:
-        return write_png(mask, base + ".png")
-    return _write_with_mrml(labelmap_node(volume, mask), base + suffix)
 
 
 # ------------------------------------------------------------------------------------- segmentation
@@ -546,71 +416,3 @@ def ellipse_for_curve(res):
     return res.ellipse_px
 
 
-# ---------------------------------------------------------------------------------------- results
-
-def store_result(volume, res, attribute: str = ATTR_RESULT) -> None:
-    volume.SetAttribute(attribute, json.dumps(res.to_dict(), default=float))
-
-
-def stored_result(volume, attribute: str = ATTR_RESULT):
-    text = volume.GetAttribute(attribute)
-    return fresult.Result.from_dict(json.loads(text)) if text else None
-
-
-def _num(v, fmt):
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
-
-
-def _ordinal(centile: float) -> str:
-    if centile < 1 or centile > 99:
-        return "<1st" if centile < 1 else ">99th"
-    n = int(round(centile))
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def result_rows(res) -> list[tuple[str, str]]:
-    """(quantity, value) lines shown in the panel and stored in the table."""
-    hc_text = f"{res.hc_mm:.1f} mm" if res.hc_mm is not None else (
-        f"{res.hc_px:.1f} px (no spacing)" if res.hc_px is not None else "no head found")
-    bio = res.biometry()
-    ga = res.ga.text + (f" ({res.ga.weeks:.1f} weeks)" if res.ga.weeks is not None else "")
-    centile = "n/a (enter the known GA)" if res.centile is None else (
-        f"{_ordinal(res.centile['centile'])} (z {res.centile['z']:+.2f}) at {res.centile['ga_weeks']:g} w, INTERGROWTH-21st")
-    sp = res.spacing
-    rows = [("HC", hc_text), ("BPD", _num(bio["bpd_mm"], ".1f") + " mm"), ("OFD", _num(bio["ofd_mm"], ".1f") + " mm"),
-            ("Cephalic index", _num(bio["cephalic_index"], ".1f")), ("GA (Hadlock)", ga),
-            ("HC centile", centile), ("QC", qc_line(res)),
-            ("Score", _num(res.score, ".3f")), ("Outline", res.outline_source),
-            ("Pixel spacing", f"{sp.col_mm:.4f} x {sp.row_mm:.4f} mm (col x row)" if sp else "unknown"),
-            ("Spacing source", sp.source if sp else "none"),
-            ("Model version", res.model_version or "n/a"),
-            ("Curve length", _num(res.extra.get("curve_length_mm"), ".1f") + " mm")]
-    return rows + [("Warning", w) for w in res.extra.get("warnings") or []]
-
-
-def qc_line(res) -> str:
-    if res.qc_ok is None:
-        return f"not re-run on the {res.outline_source} outline" + (f" ({res.qc_text})" if res.qc_reasons else "")
-    return "OK" if res.qc_ok else f"FAILED: {res.qc_text}"
-
-
-def update_table(volume, res):
-    table = referenced(volume, REF_TABLE, "vtkMRMLTableNode", f"{volume.GetName()} FetalHC results")
-    table.RemoveAllColumns()
-    rows = result_rows(res)
-    for title, values in (("Measurement", [r[0] for r in rows]), ("Value", [r[1] for r in rows])):
-        col = vtk.vtkStringArray()
-        col.SetName(title)
-        for v in values:
-            col.InsertNextValue(v)
-        table.AddColumn(col)
-    table.SetUseColumnTitleAsColumnHeader(True)
-    table.Modified()
-    return table
-
-
-def table_values(volume) -> dict[str, str]:
-    table = volume.GetNodeReference(REF_TABLE)
-    if table is None:
-        return {}
-    return {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}

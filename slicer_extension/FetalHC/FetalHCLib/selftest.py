@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import nodes
+from . import files, nodes
 from .logic import DEFAULT_MODEL, FetalHCLogic
 from .shared import geometry, result as fresult
 
@@ -104,7 +104,7 @@ def check_live_case(case, check) -> None:
 def server_case(logic: FetalHCLogic, image_path: str, model: str = DEFAULT_MODEL, manual_mm: float | None = None):
     """Connect, load an image file, Segment head against a live server; returns summary, volume, result."""
     summary = logic.connect()
-    volume, _ = logic.prepare(nodes.load_image_volume(logic.scene, image_path), manual_mm=manual_mm)
+    volume, _ = logic.prepare(files.load_image_volume(logic.scene, image_path), manual_mm=manual_mm)
     return {"summary": summary, "volume": volume, "result": logic.segment(volume, model)}
 
 

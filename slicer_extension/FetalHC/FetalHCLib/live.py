@@ -1,6 +1,6 @@
 """Live measurement of the FetalHC Logic: what is shown, and how edits re-measure it (no Qt).
 
-:class:`LiveMeasurement` is a mixin of :class:`FetalHCLogic.logic.FetalHCLogic` (one Logic; this file
+:class:`LiveMeasurement` is a mixin of :class:`FetalHCLib.logic.FetalHCLogic` (one Logic; this file
 only keeps its longest concern apart). Observers on the head segment and the HC curve schedule a
 re-measurement, debounced by ``scheduler`` (in Slicer a Qt single-shot timer; headless :meth:`flush`).
 The outline edited last is the measured one -- "AI", "edited mask" or "edited ellipse" -- and is what

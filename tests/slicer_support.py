@@ -1,8 +1,8 @@
 """Shared helpers of tests/test_slicer_*.py: FetalHCLib on the path and a headless MRML scene.
 
 The MRML classes come from the PyPI wheel ``slicer-core`` (``import slicer``: real MRML, no Qt); a scene
-gets what Slicer's application logic would give it (selection node with units) so that measurements
-print in mm.
+gets what Slicer's application logic would give it (selection node with units, so that measurements
+print in mm; the Sequences module logic, for US cine as a sequence browser + proxy node).
 """
 from __future__ import annotations
 
@@ -33,5 +33,8 @@ def new_scene():
     units = slicer.vtkSlicerUnitsLogic()
     units.SetMRMLApplicationLogic(app)
     units.SetMRMLScene(scene)
-    scene._fetalhc_keep = (app, units)  # keep the logics alive as long as the scene
+    sequences = slicer.vtkSlicerSequencesLogic()  # registers the sequence (browser) node classes
+    sequences.SetMRMLApplicationLogic(app)
+    sequences.SetMRMLScene(scene)
+    scene._fetalhc_keep = (app, units, sequences)  # keep the logics alive as long as the scene
     return scene

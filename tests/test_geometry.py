@@ -110,3 +110,34 @@ def test_ellipse_agreement_flags_a_mask_cut_by_its_box():
     boxed[:, :200] = False
     boxed[:, 400:] = False
     assert ellipse_agreement(boxed, fit_mask(boxed)[0]) < 0.97
+
+
+def test_numpy_geometry_matches_opencv(samples_dir):
+    """geometry.py is numpy-only (it runs in 3D Slicer); where OpenCV exists it must agree with it."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for k in range(120):
+        m = rng.random((40, 60)) < rng.uniform(0.3, 0.7)
+        if k % 2:
+            m = cv2.blur(m.astype(np.float32), (5, 5)) > 0.5  # blobs with holes
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+        expected = np.zeros(m.shape, np.uint8)
+        if n > 1:
+            comp = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+            contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(expected, contours, -1, 1, thickness=cv2.FILLED)
+        assert np.array_equal(largest_component(m), expected.astype(bool)), k
+    for ring_file in sorted(samples_dir.glob("*_Annotation.png")):
+        ring = cv2.imread(str(ring_file), cv2.IMREAD_GRAYSCALE) > 127
+        r, c = np.nonzero(ring)
+        pts = np.stack([c, r], 1).astype(float)
+        origin = pts.mean(0)
+        (cx, cy), (w, h), deg = cv2.fitEllipse((pts - origin).astype(np.float32))
+        ours = fit_points(pts)
+        assert ours.perimeter == pytest.approx(Ellipse.make(0, 0, w / 2, h / 2, 0).perimeter, rel=1e-6)
+        assert (ours.cx, ours.cy) == pytest.approx((cx + origin[0], cy + origin[1]), abs=1e-3)
+
+
+def test_fit_rejects_points_that_are_no_ellipse():
+    with pytest.raises(ValueError, match="ellipse"):
+        fit_points(np.stack([np.arange(10.0), 2 * np.arange(10.0)], 1))  # a line

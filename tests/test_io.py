@@ -465,3 +465,21 @@ def test_region_and_spacing_types():
     assert r.contains(10, 40) and r.contains(30.0, 20) and not r.contains(30.5, 20) and r.area == 21 * 21
     assert r.spacing == Spacing(0.2, 0.3, REGION_SRC) and Spacing(1, 2, "x").as_tuple() == (1.0, 2.0)
     assert UsRegion(0, 0, 1, 1, None, None, 3, 3).spacing is None
+
+
+def test_files_without_a_suffix_are_recognised_by_content(tmp_path):
+    """A datastore image downloaded under its bare id keeps its format and calibration."""
+    from fetalhc.io import detect_kind, file_kind
+    pixels = (np.arange(30 * 40) % 200).astype(np.uint8).reshape(30, 40)
+    dcm = write_us_dicom(tmp_path / "a.dcm", pixels, (0.16, 0.14), calibration="us_region").rename(tmp_path / "a")
+    nrrd.write(str(tmp_path / "b.nrrd"), pixels.T.copy(), {"spacings": [0.11, 0.17], "kinds": ["domain", "domain"]})
+    (tmp_path / "b.nrrd").rename(tmp_path / "b")
+    cv2.imwrite(str(tmp_path / "c.png"), pixels)
+    (tmp_path / "c.png").rename(tmp_path / "c")
+    assert [file_kind(p) for p in (dcm, tmp_path / "b", tmp_path / "c")] == ["raster"] * 3  # by name
+    assert [detect_kind(p) for p in (dcm, tmp_path / "b", tmp_path / "c")] == ["dicom", "nrrd", "raster"]
+    assert load_image(dcm).spacing.as_tuple() == pytest.approx((0.16, 0.14))
+    b = load_image(tmp_path / "b")
+    assert np.array_equal(b.pixels, pixels) and b.spacing.as_tuple() == pytest.approx((0.17, 0.11))
+    c = load_image(tmp_path / "c")
+    assert np.array_equal(c.pixels, pixels) and c.spacing is None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.pixel_data_handlers.util import convert_color_space
@@ -58,7 +57,9 @@ def us_regions(shape: tuple[int, int], spacing_mm: tuple[float, float], extra: b
 
 def _pixel_module(ds: Dataset, frames: np.ndarray, photometric: str) -> None:
     """Encode (F, H, W, 3) RGB uint8 frames as ``photometric`` into ds."""
-    grey = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
+    # OpenCV's RGB2GRAY in its exact fixed-point form (BT.601, 15-bit), without OpenCV (Slicer has none)
+    f = frames.astype(np.uint32)
+    grey = ((f[..., 0] * 9798 + f[..., 1] * 19235 + f[..., 2] * 3735 + 16384) >> 15).astype(np.uint8)
     ds.PhotometricInterpretation = photometric
     ds.SamplesPerPixel = 1 if photometric in ("MONOCHROME2", "PALETTE COLOR") else 3
     if photometric == "MONOCHROME2":

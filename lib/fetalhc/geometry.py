@@ -4,13 +4,14 @@ Conventions (HC18 / OpenCV image convention): x runs along columns, y along rows
 centre of the top-left pixel for pixel coordinates; the angle is that of semi-axis ``a`` measured
 from +x toward +y, in radians, folded into [0, pi). ``a >= b`` always.
 Spacing is ``(row_mm, col_mm)`` = (dy, dx), as in DICOM PixelSpacing.
+
+numpy only (no OpenCV): this module runs unchanged inside 3D Slicer, which ships numpy but not cv2.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-import cv2
 import numpy as np
 
 
@@ -77,28 +78,108 @@ def numeric_perimeter(a: float, b: float, n: int = 20000) -> float:
 
 
 def fit_points(points_xy: np.ndarray) -> Ellipse:
-    """Least-squares ellipse (Fitzgibbon, OpenCV) through points given as (x, y)."""
+    """Least-squares ellipse through points given as (x, y).
+
+    The algebraic fit of OpenCV's ``fitEllipse`` (general conic with the constant term fixed, then the
+    quadratic terms refitted about the conic's centre), in float64 numpy: the results match OpenCV's to
+    float32 precision.
+    """
     pts = np.asarray(points_xy, dtype=np.float64)
-    if len(pts) < 5:
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 5:
         raise ValueError("an ellipse needs at least 5 boundary points")
-    # Centre the points before the float32 conversion OpenCV does, to keep sub-pixel precision.
     origin = pts.mean(0)
-    (cx, cy), (w, h), deg = cv2.fitEllipse((pts - origin).astype(np.float32))
-    return Ellipse.make(cx + origin[0], cy + origin[1], w / 2, h / 2, math.radians(deg))
+    p = pts - origin
+    scale = 1.0 / max(float(np.abs(p).mean()), 1e-12)  # conditioning only: the fit is scale-invariant
+    x, y = p[:, 0] * scale, p[:, 1] * scale
+    ones = np.ones(len(p))
+    conic, _, rank, _ = np.linalg.lstsq(np.stack([-x * x, -y * y, -x * y, x, y], 1), ones, rcond=None)
+    if rank < 5:  # collinear or repeated points: no unique conic
+        raise ValueError("the points do not outline an ellipse")
+    try:
+        centre = np.linalg.solve([[2 * conic[0], conic[2]], [conic[2], 2 * conic[1]]], conic[3:5])
+    except np.linalg.LinAlgError:
+        raise ValueError("the points do not outline an ellipse") from None
+    u, v = x - centre[0], y - centre[1]
+    (qa, qb, qc), _, rank, _ = np.linalg.lstsq(np.stack([u * u, v * v, u * v], 1), ones, rcond=None)
+    if rank < 3:
+        raise ValueError("the points do not outline an ellipse")
+    # A u^2 + B v^2 + C uv = 1: eigenvalues of [[A, C/2], [C/2, B]] are 1/semi-axis^2
+    evals, evecs = np.linalg.eigh([[qa, qc / 2], [qc / 2, qb]])
+    evals = np.abs(evals)
+    if not np.all(np.isfinite(evals)) or evals.min() <= 1e-12 * max(evals.max(), 1e-300):
+        raise ValueError("the points do not outline an ellipse")
+    major = evecs[:, 0]  # smallest eigenvalue: the long axis
+    return Ellipse.make(origin[0] + centre[0] / scale, origin[1] + centre[1] / scale,
+                        1.0 / (math.sqrt(evals[0]) * scale), 1.0 / (math.sqrt(evals[1]) * scale),
+                        math.atan2(major[1], major[0]))
+
+
+def _runs(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Horizontal runs of True: (row, first column, one past the last column), in raster order."""
+    h, w = binary.shape
+    padded = np.zeros((h, w + 2), bool)
+    padded[:, 1:-1] = binary
+    edges = np.flatnonzero(padded[:, 1:] != padded[:, :-1])  # rows close inside the padding: start, end pairs
+    rows, starts = np.divmod(edges[0::2], w + 1)
+    return rows, starts, edges[1::2] - rows * (w + 1)
+
+
+def _run_labels(rows, starts, ends, width: int, diagonal: bool) -> np.ndarray:
+    """Connected-component label per run (the smallest run index of its component), pixels 8- or
+    4-connected. Union-find over the runs' overlaps with the next row, vectorised as hook + pointer jumping."""
+    n = len(rows)
+    parent = np.arange(n)
+    key = width + 2
+    s_key, e_key = rows * key + starts, rows * key + ends
+    # run j of the next row touches run i when s_j <= e_i (- 1 for 4-connectivity) and e_j >= s_i (+ 1)
+    reach = 0 if diagonal else 1
+    lo = np.searchsorted(e_key, (rows + 1) * key + starts + reach, "left")
+    hi = np.searchsorted(s_key, (rows + 1) * key + ends - reach, "right")
+    counts = np.maximum(hi - lo, 0)
+    first = np.repeat(np.arange(n), counts)
+    second = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    while True:
+        a, b = parent[first], parent[second]
+        differ = a != b
+        if not differ.any():
+            return parent
+        np.minimum.at(parent, np.maximum(a, b)[differ], np.minimum(a, b)[differ])  # hook roots to smaller roots
+        while True:  # pointer jumping until every run points at its root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+
+
+def _paint(shape, rows, starts, ends) -> np.ndarray:
+    out = np.zeros(shape[0] * shape[1], bool)
+    lengths = ends - starts
+    offsets = np.repeat(rows * shape[1] + starts - np.cumsum(lengths) + lengths, lengths)
+    out[offsets + np.arange(int(lengths.sum()))] = True
+    return out.reshape(shape)
 
 
 def largest_component(binary: np.ndarray) -> np.ndarray:
     """Largest 8-connected component with its holes filled (bool array)."""
-    binary = np.ascontiguousarray(binary, dtype=np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    if n <= 1:
-        return np.zeros(binary.shape, bool)
-    keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    comp = (labels == keep).astype(np.uint8)
-    contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    filled = np.zeros_like(comp)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    return filled.astype(bool)
+    binary = np.asarray(binary, bool)
+    rows, starts, ends = _runs(binary)
+    out = np.zeros(binary.shape, bool)
+    if len(rows) == 0:
+        return out
+    labels = _run_labels(rows, starts, ends, binary.shape[1], diagonal=True)
+    area = np.bincount(labels, weights=ends - starts, minlength=len(rows))
+    keep = labels == int(np.argmax(area))  # ties: the component met first in raster order, as OpenCV
+    r, s, e = rows[keep], starts[keep], ends[keep]
+    # Holes: background (4-connected, as inside an 8-connected outline) in the component's box padded
+    # by one pixel that cannot reach the padding.
+    r0, c0 = int(r.min()) - 1, int(s.min()) - 1
+    box_shape = (int(r.max()) - r0 + 2, int(e.max()) - c0 + 1)
+    bg = ~_paint(box_shape, r - r0, s - c0, e - c0)
+    br, bs, be = _runs(bg)
+    outside = _run_labels(br, bs, be, box_shape[1], diagonal=False) == 0  # run 0: the top padding row
+    filled = ~_paint(box_shape, br[outside], bs[outside], be[outside])
+    out[r0 + 1:r0 + box_shape[0] - 1, c0 + 1:c0 + box_shape[1] - 1] = filled[1:-1, 1:-1]
+    return out
 
 
 def boundary_points(mask: np.ndarray, soft: np.ndarray | None = None, level: float = 0.5) -> np.ndarray:

@@ -18,7 +18,6 @@ import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 MAX_SIDE = 8192
@@ -257,6 +256,7 @@ def _read_raster(path: Path, data: bytes, frame: int) -> LoadedImage | None:
         _check_size(path, rows, cols)
     if data[:2] == JPEG_SOI and b"\xff\xd9" not in data[-4096:]:
         raise _fail(path, "truncated JPEG (no end-of-image marker)")  # libjpeg would pad it with grey
+    import cv2  # only here and in save_label_like: the spacing rules run without OpenCV (3D Slicer)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         return None
@@ -519,6 +519,27 @@ def file_kind(path) -> str:
     return _kind_of(Path(path))
 
 
+def detect_kind(path) -> str:
+    """:func:`file_kind`, but a name without a known suffix is recognised by its content (a DICOM, NRRD or
+    NIfTI downloaded as a bare id reads with the right spacing rules). PNG/JPEG/unknown give 'raster'."""
+    path = Path(path)
+    kind = _kind_of(path)
+    if kind != "raster" or path.name.lower().endswith(RASTER_SUFFIXES):
+        return kind
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(352)
+    except OSError:
+        return kind
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"NRRD000"):
+        return "nrrd"
+    if head[344:348] in (b"n+1\0", b"ni1\0"):
+        return "nifti"
+    return kind
+
+
 def dicom_header_spacing(path) -> tuple[Spacing | None, list[str]]:
     """(spacing, warnings) from a DICOM header alone, by the same rules as load_image (for viewers such as
     Slicer that read the pixels themselves but get ultrasound-region calibration wrong)."""
@@ -537,6 +558,8 @@ def load_image(path, *, pixel_size: float | None = None, pixel_csv: str | Path |
     user_warn: list[str] = []
     user = _user_spacing(path, pixel_size, pixel_csv, user_warn)
     kind = _kind_of(path)
+    if kind == "raster" and detect_kind(path) == "nrrd":  # a NRRD saved without its suffix
+        kind = "nrrd"
     if kind == "nifti":
         img = _read_nifti(path, frame)
     elif kind == "nrrd":
@@ -624,6 +647,7 @@ def save_label_like(mask, reference, out_path) -> Path:
             header = {"kinds": ["domain", "domain"], "spacings": [col, row]}
         nrrd.write(str(out), np.asfortranarray(voxels), {**header, "encoding": "gzip"}, index_order="F")
     elif kind == "raster":
+        import cv2
         ok, buf = cv2.imencode(out.suffix or ".png", label)
         if not ok:
             raise ValueError(f"cannot write a label as {out.suffix}")

@@ -8,18 +8,18 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .clinical import GestationalAge, biometry, hadlock_ga, hc_centile
-from .geometry import (Ellipse, ellipse_agreement, fit_mask, fit_points, largest_component, region_boundary,
-                       touches_border)
+from .clinical import hadlock_ga, hc_centile
+from .geometry import ellipse_agreement, fit_mask, fit_points, largest_component, region_boundary, touches_border
 from .io import Spacing
 from .model import CheckpointError, detect, load_model
+from .result import Result
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fetalhc_default.pt"
 MIN_SCORE = 0.2  # below this a detection is noise (a blank frame scores ~0.07), not a head
@@ -34,49 +34,9 @@ def default_model_path() -> Path:
 
 
 @dataclass
-class Measurement:
-    mask: np.ndarray  # uint8 (H, W), 1 = fetal head
-    ellipse_px: Ellipse | None
-    ellipse_mm: Ellipse | None
-    hc_mm: float | None
-    hc_px: float | None
-    ga: GestationalAge
-    score: float
-    qc_ok: bool
-    qc_reasons: list[str]
-    spacing: Spacing | None
-    centile: dict | None = None
-    model_version: str = ""
-    latency_s: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def qc_text(self) -> str:
-        return "OK" if self.qc_ok else "; ".join(self.qc_reasons)
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (no mask)."""
-        sp = self.spacing
-        return {
-            "hc_mm": _r(self.hc_mm), "hc_px": _r(self.hc_px),
-            "ellipse_px": _ell(self.ellipse_px), "ellipse_mm": _ell(self.ellipse_mm),
-            **{k: _r(v) for k, v in biometry(self.ellipse_mm).items()},
-            "ga_weeks": _r(self.ga.weeks), "ga_text": self.ga.text, "ga_valid": self.ga.valid,
-            "ga_reason": self.ga.reason, "centile": self.centile,
-            "score": round(float(self.score), 4), "qc_ok": self.qc_ok, "qc": self.qc_text,
-            "qc_reasons": list(self.qc_reasons),
-            "spacing_mm": [sp.row_mm, sp.col_mm] if sp else None,
-            "spacing_source": sp.source if sp else None,
-            "model_version": self.model_version, "latency_s": round(self.latency_s, 4), **self.extra,
-        }
-
-
-def _r(v, nd=3):
-    return None if v is None else round(float(v), nd)
-
-
-def _ell(e: Ellipse | None) -> dict | None:
-    return None if e is None else {k: round(v, 5) for k, v in e.as_dict().items()}
+class Measurement(Result):
+    """A pipeline result with its head mask (the JSON of :meth:`Result.to_dict` leaves the mask out)."""
+    mask: np.ndarray | None = None  # uint8 (H, W), 1 = fetal head
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:

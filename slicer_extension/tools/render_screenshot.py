@@ -13,32 +13,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from FetalHCLib import logic  # noqa: E402
+from FetalHCLib import nodes, results  # noqa: E402
 
 
 def render(volume, out_path: str, title: str = "") -> str:
-    pixels = logic.volume_array(volume)[0]
-    mask = logic.segment_mask(volume)
-    curve = volume.GetNodeReference(logic.REF_CURVE)
+    pixels = nodes.volume_array(volume)[0]
+    mask = nodes.segment_mask(volume)
+    curve = volume.GetNodeReference(nodes.REF_CURVE)
     n = curve.GetNumberOfControlPoints()
-    control = logic.ras_to_pixels(volume, np.array([curve.GetNthControlPointPositionWorld(i) for i in range(n)]))
-    outline = logic.curve_pixels(volume)
-    rows = list(logic.table_values(volume).items())
-    length = logic.curve_length_mm(volume)
+    control = nodes.ras_to_pixels(volume, np.array([curve.GetNthControlPointPositionWorld(i) for i in range(n)]))
+    outline = nodes.curve_pixels(volume)
+    rows = list(results.table_values(volume).items())
+    length = nodes.curve_length_mm(volume)
 
     h, w = pixels.shape
     fig = plt.figure(figsize=(12, 12 * h / w * 0.62 + 0.6), dpi=110, facecolor="#2b2b2b")
     view = fig.add_axes([0.0, 0.0, 0.64, 0.95])
     view.imshow(pixels, cmap="gray", interpolation="bilinear")
     tint = np.zeros((h, w, 4))
-    tint[mask > 0] = (*logic.SEGMENT_COLOR, 0.28)
+    tint[mask > 0] = (*nodes.SEGMENT_COLOR, 0.28)
     view.imshow(tint, interpolation="nearest")
-    view.contour(mask, levels=[0.5], colors=[logic.SEGMENT_COLOR], linewidths=1.2)
+    view.contour(mask, levels=[0.5], colors=[nodes.SEGMENT_COLOR], linewidths=1.2)
     closed = np.vstack([outline, outline[:1]])
-    view.plot(closed[:, 0], closed[:, 1], color=logic.CURVE_COLOR, lw=1.8)
-    view.plot(control[:, 0], control[:, 1], "o", ms=4.5, mfc=logic.CURVE_COLOR, mec="k", mew=0.5)
+    view.plot(closed[:, 0], closed[:, 1], color=nodes.CURVE_COLOR, lw=1.8)
+    view.plot(control[:, 0], control[:, 1], "o", ms=4.5, mfc=nodes.CURVE_COLOR, mec="k", mew=0.5)
     top = control[np.argmin(control[:, 1])]
-    view.text(top[0], top[1] - 12, f"{curve.GetName()}  {length:.1f} mm", color=logic.CURVE_COLOR, ha="center",
+    view.text(top[0], top[1] - 12, f"{curve.GetName()}  {length:.1f} mm", color=nodes.CURVE_COLOR, ha="center",
               va="bottom", fontsize=10, weight="bold", bbox=dict(fc="black", ec="none", alpha=0.55, pad=2))
     view.set_xlim(0, w - 1)
     view.set_ylim(h - 1, 0)
@@ -51,7 +51,7 @@ def render(volume, out_path: str, title: str = "") -> str:
     panel.text(0.04, 0.97, "FetalHC  >  3. Measure", fontsize=11, weight="bold", va="top", transform=panel.transAxes)
     y = 0.90
     for key, value in rows:
-        colour = "#b9770e" if key == "Warning" or value.startswith("CHECK") else "black"
+        colour = "#b9770e" if key == "Warning" or value.startswith("FAILED") else "black"
         panel.text(0.04, y, key, fontsize=9, weight="bold", va="top", transform=panel.transAxes)
         panel.text(0.40, y, _wrap(value, 34), fontsize=9, va="top", color=colour, transform=panel.transAxes)
         y -= 0.045 * (1 + _wrap(value, 34).count("\n")) + 0.012

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Copy fetalhc's geometry.py, clinical.py and io.py byte for byte into FetalHC/FetalHCLib/_vendor.
+"""Copy the fetalhc files listed in FetalHCLib/shared_modules.txt into FetalHCLib/_vendor/fetalhc.
 
-For a Slicer without the fetalhc package: the extension build does the same copy (CMake
-``configure_file``); run this when you add the module folder to Slicer straight from a checkout and
-want it to work without the checkout's lib/ (e.g. to zip the module folder). The copies are
-generated, git-ignored, and tests/test_slicer_logic.py checks they match lib/fetalhc byte for byte.
+For a Slicer without the fetalhc package: the extension build does the same copy (CMake reads the same
+list); run this when you add the module folder to Slicer straight from a checkout and want it to work
+without the checkout's lib/ (e.g. to zip the module folder). The copies are generated and git-ignored;
+tests/test_slicer_logic.py checks that they match lib/fetalhc byte for byte.
 """
 from __future__ import annotations
 
@@ -15,15 +15,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LIB = HERE.parents[1] / "lib" / "fetalhc"
-DEST = HERE.parent / "FetalHC" / "FetalHCLib" / "_vendor"
-FILES = ("geometry.py", "clinical.py", "io.py")  # = FetalHCLib.core.VENDORED
-INIT = '"""Generated copies of lib/fetalhc modules (see slicer_extension/tools/vendor_fetalhc.py); do not edit."""\n'
+MODULE_LIB = HERE.parent / "FetalHC" / "FetalHCLib"
+DEST = MODULE_LIB / "_vendor"
+VENDOR_INIT = '"""Generated copies of lib/fetalhc (slicer_extension/tools/vendor_fetalhc.py); do not edit."""\n'
+
+
+def files() -> list[str]:
+    return [ln.strip() for ln in (MODULE_LIB / "shared_modules.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
 
 
 def vendor(dest: Path = DEST, lib: Path = LIB) -> list[Path]:
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "__init__.py").write_text(INIT)
-    return [Path(shutil.copyfile(lib / name, dest / name)) for name in FILES]
+    package = dest / "fetalhc"
+    package.mkdir(parents=True, exist_ok=True)
+    (dest / "__init__.py").write_text(VENDOR_INIT)
+    return [Path(shutil.copyfile(lib / name, package / name)) for name in files()]
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,9 @@ Endpoints (monailabel 0.8.5, ``monailabel/endpoints``):
 ``DELETE /train/``                                     stop training
 ``GET /train/[?check_if_running=true]``                last (or running) train task; 404 when none
 =====================================================  ====================================================
+
+With a token (panel field, or env ``FETALHC_API_TOKEN``) every request carries
+``Authorization: Bearer <token>``.
 """
 from __future__ import annotations
 
@@ -105,16 +108,25 @@ def _quote(value: str) -> str:
     return urllib.parse.quote(str(value), safe="")
 
 
+TOKEN_ENV = "FETALHC_API_TOKEN"
+
+
+def normalise_url(url: str) -> str:
+    """``host:port`` -> ``http://host:port``; ServerError (a panel message) for anything but http(s)."""
+    url = (url or "").strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ServerError(f"invalid server URL {url!r}: expected http:// or https://, e.g. {DEFAULT_URL}")
+    return url
+
+
 class MonaiLabelClient:
-    def __init__(self, url: str = DEFAULT_URL, timeouts: dict | None = None):
-        url = (url or "").strip().rstrip("/")
-        if "://" not in url:
-            url = "http://" + url
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ServerError(f"invalid server URL {url!r}: expected e.g. {DEFAULT_URL}")
-        self.url = url
+    def __init__(self, url: str = DEFAULT_URL, timeouts: dict | None = None, token: str | None = None):
+        self.url = normalise_url(url)
         self.timeouts = {**TIMEOUTS, **(timeouts or {})}
+        self.token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip()
 
     # ------------------------------------------------------------------------------- transport
     def request(self, method: str, path: str, *, query: dict | None = None, json_body=None,
@@ -126,6 +138,8 @@ class MonaiLabelClient:
         if query:
             url += "?" + "&".join(f"{k}={_quote(v)}" for k, v in query.items() if v is not None)
         headers, data = {"Accept": "application/json, multipart/form-data, */*"}, None
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if files is not None or fields is not None:
             ctype, data = encode_multipart(fields or {}, files or {})
             headers["Content-Type"] = ctype
@@ -139,7 +153,9 @@ class MonaiLabelClient:
                 return resp.status, headers.get("content-type", ""), resp.read(), headers
         except urllib.error.HTTPError as e:
             body = e.read()
-            raise ServerError(f"{what} failed: server answered {e.code} {e.reason}: {_detail(body)}", e.code) from None
+            hint = {401: " (set the API token in the Server section)", 403: " (the token may not do this)"}.get(e.code, "")
+            raise ServerError(f"{what} failed: server answered {e.code} {e.reason}: {_detail(body)}{hint}",
+                              e.code) from None
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, (socket.timeout, TimeoutError)):

@@ -71,7 +71,7 @@ def app_client(mp: pytest.MonkeyPatch, studies, model_dir: Path, initial_model: 
     from fastapi.testclient import TestClient
     from monailabel.app import app
     from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
 
     cfg = app_env(studies, model_dir, initial_model, extra_settings, **conf)
     for k, v in cfg["settings"].items():
@@ -81,7 +81,11 @@ def app_client(mp: pytest.MonkeyPatch, studies, model_dir: Path, initial_model: 
     mp.syspath_prepend(str(APP))
     clear_cache()
     # A loopback client, as a workstation's own Slicer: the app serves only loopback without tokens.
-    return TestClient(app, client=("127.0.0.1", 50000))
+    client = TestClient(app, client=("127.0.0.1", 50000))
+    # The app (and its middleware: tokens, per-request temp folders) exists before the first real request,
+    # as under `monailabel start_server`, which creates it at start-up.
+    app_instance()
+    return client
 
 
 def wait_training(client, timeout: float = 300) -> dict:

@@ -21,9 +21,29 @@ def test_measure_points_matches_fit_mask_and_clinical():
     assert r.centile == pytest.approx(clinical.hc_centile(mm.perimeter, 24.0))
     bio = r.biometry()
     assert bio["bpd_mm"] == pytest.approx(2 * mm.b) and bio["ofd_mm"] == pytest.approx(2 * mm.a)
-    assert r.outline_source == result.OUTLINE_MASK and r.qc_ok is None
+    assert r.outline_source == result.OUTLINE_MASK and r.qc_ok is True and r.qc_reasons == []
     with pytest.raises(ValueError):
         result.measure_points(np.zeros((3, 2)), sp)
+
+
+def test_outline_qc_is_the_same_for_every_outline():
+    """The checks the server runs on the AI mask run on a corrected label and on a Slicer edit too."""
+    sp = Spacing(0.15, 0.15, "t")
+    cut = ellipse_mask(Ellipse.make(40.0, 150.0, 120.0, 90.0, 0.0), (300, 400))  # runs off the left edge
+    r = result.measure_region(cut, sp)
+    assert not r.qc_ok and any("cut by the image border" in q for q in r.qc_reasons)
+    square = np.zeros((300, 400), bool)
+    square[50:250, 100:300] = True  # a head outline is an ellipse, not a square
+    r = result.measure_region(square, sp)
+    assert not r.qc_ok and any("not elliptical" in q for q in r.qc_reasons) and r.extra["mask_ellipse_dice"] < 0.97
+    flat = Ellipse.make(200.0, 150.0, 150.0, 40.0, 0.0)
+    r = result.measure_points(flat.points(100), sp, image_shape=(300, 400), outline_source=result.OUTLINE_ELLIPSE)
+    assert any("unusual head shape" in q for q in r.qc_reasons) and "mask_ellipse_dice" not in r.extra
+    r = result.measure_region(ellipse_mask(Ellipse.make(200.0, 150.0, 120.0, 90.0, 0.0), (300, 400)), None)
+    assert r.hc_mm is None and r.qc_reasons == ["pixel spacing unknown: no HC in mm"]
+    r = result.measure_region(ellipse_mask(Ellipse.make(200.0, 150.0, 120.0, 90.0, 0.0), (300, 400)),
+                              Spacing(2.0, 2.0, "wrong calibration"))
+    assert any("implausible HC" in q for q in r.qc_reasons)
 
 
 def test_centile_outside_the_standard_is_a_reason_not_an_error():

@@ -138,7 +138,9 @@ def test_live_correction_edit_mask_drag_curve_revert(scene, logic):
     assert edited.hc_mm == pytest.approx(mm.perimeter, abs=1e-3)  # stored as Result.to_dict() rounds it
     assert edited.ga.weeks == pytest.approx(clinical.hadlock_ga(mm.perimeter).weeks)
     bio = clinical.biometry(mm)
-    assert edited.biometry()["bpd_mm"] == pytest.approx(bio["bpd_mm"]) and edited.qc_ok is None
+    assert edited.biometry()["bpd_mm"] == pytest.approx(bio["bpd_mm"])
+    # and the same outline QC as the server runs on a mask: this edit is still a whole, elliptical head
+    assert edited.qc_ok is True and edited.extra["mask_ellipse_dice"] >= 0.97
     curve = volume.GetNodeReference(nodes.REF_CURVE)
     assert curve.IsA("vtkMRMLMarkupsClosedCurveNode") and curve.GetMeasurement("length").GetEnabled()
     assert curve.GetMeasurement("length").GetValueWithUnitsAsPrintableString().endswith("mm")

@@ -3,22 +3,29 @@
 numpy-only (with geometry, clinical and io it is the core the Slicer module shares with lib/):
 :class:`Result` is what ``pipeline.measure_image`` returns (as ``pipeline.Measurement``, which adds the
 mask), what the ``fetal_head`` infer task sends (:meth:`Result.to_dict`) and what Slicer reads back
-(:meth:`Result.from_dict`). :func:`measure_points` is the fit -> mm -> biometry -> GA -> centile path for an
-outline given as points, used when a clinician edits the mask or the ellipse.
+(:meth:`Result.from_dict`). :func:`measure_points` / :func:`measure_region` are the one path from an outline
+to a result (fit -> mm -> biometry -> GA -> centile, and the outline's QC), for the AI mask, a corrected label
+and a clinician's edit of the mask or the ellipse in Slicer.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from .clinical import GestationalAge, biometry, hadlock_ga, hc_centile
-from .geometry import Ellipse, fit_points
+from .geometry import Ellipse, ellipse_agreement, fit_points, region_boundary, touches_border
 from .io import Spacing
 
 OUTLINE_AI, OUTLINE_MASK, OUTLINE_ELLIPSE = "AI", "edited mask", "edited ellipse"
 OUTLINE_SOURCES = (OUTLINE_AI, OUTLINE_MASK, OUTLINE_ELLIPSE)
+PLAUSIBLE_HC_MM = (40.0, 400.0)  # HC18 spans 44-346 mm; beyond this the spacing is suspect
+# Dice of the mask with its own fitted ellipse. A skull is an ellipse: a mask far from one (cut by its
+# detection box, leaking into the body, half a head) gives an ellipse that measures something else.
+MIN_ELLIPSE_AGREEMENT = 0.97
+MIN_AXIS_RATIO = 0.55  # b/a; HC18 heads are rounder than this
 # to_dict keys computed from the fields; from_dict recomputes them instead of storing them as extras
 DERIVED = ("bpd_mm", "ofd_mm", "cephalic_index", "ga_text", "qc", "spacing_source")
 
@@ -84,28 +91,56 @@ class Result:
                    extra=d)
 
 
-def measure_points(points_px: np.ndarray, spacing: Spacing | None, *, ga_weeks: float | None = None,
-                   outline_source: str = OUTLINE_MASK, qc_reasons: list[str] | None = None) -> Result:
-    """Fit an outline given as (x, y) pixel points and derive HC, BPD/OFD, GA and (GA known) the centile.
+def measure_points(points_px: np.ndarray, spacing: Spacing | None, *, image_shape: tuple[int, int] | None = None,
+                   region: np.ndarray | None = None, spacing_at: Callable[[float, float], Spacing | None] | None = None,
+                   ga_weeks: float | None = None, outline_source: str = OUTLINE_MASK,
+                   qc_reasons: list[str] | None = None) -> Result:
+    """Fit an outline given as (x, y) pixel points; derive HC, BPD/OFD, GA and (GA known) the centile; QC it.
 
-    The millimetre ellipse is fitted to the points in mm (exact under anisotropic spacing), as in
-    ``pipeline.measure_image``. Raises ValueError when the points outline no ellipse.
+    The one path from an outline to a result, for the AI mask (``pipeline.measure_image``), a corrected
+    label (``pipeline.measure_mask``) and an edit in Slicer. The millimetre ellipse is fitted to the points
+    in mm (exact under anisotropic spacing). QC reasons, after any given in ``qc_reasons``: head cut by
+    the border of an image of ``image_shape``; ``region`` (the mask the points outline) far from an
+    ellipse; unusual shape; no spacing; implausible HC. ``spacing_at(x, y)`` picks the spacing at the
+    head's centre (DICOM ultrasound regions). Raises ValueError when the points outline no ellipse.
     """
     pts = np.asarray(points_px, float)
     e_px = fit_points(pts)
-    out = Result(ellipse_px=e_px, hc_px=e_px.perimeter, spacing=spacing, outline_source=outline_source,
-                 qc_ok=None, qc_reasons=list(qc_reasons or []))
+    reasons, extra = list(qc_reasons or []), {}
+    if image_shape is not None and touches_border(e_px, image_shape):
+        reasons.append("head cut by the image border: HC extrapolated")
+    if region is not None:
+        agreement = ellipse_agreement(region, e_px)
+        extra["mask_ellipse_dice"] = round(agreement, 4)
+        if agreement < MIN_ELLIPSE_AGREEMENT:
+            reasons.append(f"mask not elliptical (Dice {agreement:.3f} with its ellipse): check the outline")
+    if e_px.b / e_px.a < MIN_AXIS_RATIO:
+        reasons.append(f"unusual head shape (axis ratio {e_px.b / e_px.a:.2f})")
+    if spacing_at is not None:
+        spacing = spacing_at(e_px.cx, e_px.cy) or spacing
+    out = Result(ellipse_px=e_px, hc_px=e_px.perimeter, spacing=spacing, outline_source=outline_source, extra=extra)
     if spacing is None:
-        return out
-    e_mm = fit_points(pts * [spacing.col_mm, spacing.row_mm])
-    out.ellipse_mm, out.hc_mm = e_mm, e_mm.perimeter
-    out.ga = hadlock_ga(out.hc_mm)
-    if ga_weeks is not None and math.isfinite(ga_weeks):
-        try:
-            out.centile = hc_centile(out.hc_mm, ga_weeks)
-        except ValueError as exc:
-            out.qc_reasons.append(str(exc))
+        reasons.append("pixel spacing unknown: no HC in mm")
+    else:
+        e_mm = fit_points(pts * [spacing.col_mm, spacing.row_mm])
+        out.ellipse_mm, out.hc_mm = e_mm, e_mm.perimeter
+        out.ga = hadlock_ga(out.hc_mm)
+        lo, hi = PLAUSIBLE_HC_MM
+        if not lo <= out.hc_mm <= hi:
+            reasons.append(f"implausible HC {out.hc_mm:.0f} mm for spacing {spacing.col_mm:.3f} mm ({spacing.source})")
+        if ga_weeks is not None and math.isfinite(ga_weeks):
+            try:
+                out.centile = hc_centile(out.hc_mm, ga_weeks)
+            except ValueError as exc:
+                reasons.append(str(exc))
+    out.qc_ok, out.qc_reasons = not reasons, reasons
     return out
+
+
+def measure_region(region: np.ndarray, spacing: Spacing | None, *, soft: np.ndarray | None = None, **kw) -> Result:
+    """:func:`measure_points` of a head region (one hole-filled component, bool), on its sub-pixel boundary
+    (interpolated on the soft mask when given), with the border and ellipse-agreement checks."""
+    return measure_points(region_boundary(region, soft), spacing, image_shape=region.shape, region=region, **kw)
 
 
 def _r(v, nd=3):

@@ -176,16 +176,17 @@ class LiveMeasurement:
             region = geometry.largest_component(mask)
             if not region.any():
                 raise FetalHCError("the 'Fetal head' segment is empty: paint the head")
-            points = geometry.region_boundary(region)
+            outline = dict(points_px=geometry.region_boundary(region), region=region, image_shape=region.shape)
             if previous.outline_source == fresult.OUTLINE_ELLIPSE:
                 warnings.append("the edited ellipse was replaced by the fit of the edited mask "
                                 "(Revert to AI result restores the server's outline)")
         elif source == fresult.OUTLINE_ELLIPSE:
-            points = nodes.curve_pixels(volume)
+            outline = dict(points_px=nodes.curve_pixels(volume), image_shape=nodes.image_shape(volume))
         else:
             raise ValueError(f"source must be {fresult.OUTLINE_MASK!r} or {fresult.OUTLINE_ELLIPSE!r}, not {source!r}")
         try:
-            res = fresult.measure_points(points, spacing, ga_weeks=self.known_ga(), outline_source=source)
+            # The server's outline QC too: an edit can cut the head at the border or stop being an ellipse.
+            res = fresult.measure_points(spacing=spacing, ga_weeks=self.known_ga(), outline_source=source, **outline)
         except ValueError as e:
             raise FetalHCError(f"cannot fit an ellipse to the {source}: {e}") from None
         res.model_version = previous.model_version

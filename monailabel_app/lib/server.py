@@ -20,7 +20,7 @@ from monailabel.utils.others.generic import get_mime_type
 from starlette.middleware import Middleware
 
 from lib import auth, tempfiles, training
-from lib.inputs import http_error
+from lib.inputs import http_error, series_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ def download_label(label: str, tag: str):
         raise HTTPException(404, "Label NOT Found") from None
     return Response(data, media_type=get_mime_type(path),
                     headers={"Content-Disposition": f'attachment; filename="{os.path.basename(path)}"'})
+
+
+@router.get("/datastore/image", summary="Download an image (of a DICOMweb series: the instance FetalHC measures)")
+def download_image(image: str):
+    """MONAI Label answers 404 for a DICOMweb series (a folder in its cache): Slicer's Next image needs the
+    file, so a series gives the instance the infer task measures."""
+    path = Path(_app().datastore().get_image_uri(image) or "")
+    if path.is_dir():
+        path = series_file(path)
+    if not path.is_file():
+        raise HTTPException(404, "Image NOT Found")
+    return FileResponse(path, media_type=get_mime_type(str(path)), filename=path.name)
 
 
 def _train(model: str, params: dict | None, run_sync: bool):

@@ -145,6 +145,7 @@ def _protocol(args) -> int:
     print(f"protocol test set: {len(split.test)} images of {len(split.test_exams)} exams "
           f"(development: {len(split.dev)} images)", file=sys.stderr)
     if args.split_out:
+        Path(args.split_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.split_out).write_text(json.dumps({"dev": split.dev, "test": split.test}, indent=1))
     if not args.model:
         return 0

@@ -158,6 +158,9 @@ def test_bad_input_is_4xx_and_leaves_the_datastore_intact(env, tmp_path):
         "label tag with /": (put_label("083_2HC", small, tag="../x"), 400, "invalid label tag"),
         "existing id": (put_image("011_HC", small), 409, "already exists"),
         "remove unknown": (c.delete("/datastore/image?id=no_such_image"), 404, "unknown image id"),
+        # an unknown id must not fall back to some file of the server's working folder
+        "download unknown": (c.get("/datastore/image?image=no_such_image"), 404, "Image NOT Found"),
+        "download path": (c.get("/datastore/image?image=../main.py"), 400, "invalid image id"),
         "bad option": (c.post("/infer/fetal_head?image=011_HC", data={"params": '{"score_threshold": "high"}'}),
                        400, "score_threshold"),
     }

@@ -20,7 +20,7 @@ from monailabel.utils.others.generic import get_mime_type
 from starlette.middleware import Middleware
 
 from lib import auth, tempfiles, training
-from lib.inputs import http_error, series_file
+from lib.inputs import check_id, http_error, series_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,10 @@ def download_label(label: str, tag: str):
 def download_image(image: str):
     """MONAI Label answers 404 for a DICOMweb series (a folder in its cache): Slicer's Next image needs the
     file, so a series gives the instance the infer task measures."""
-    path = Path(_app().datastore().get_image_uri(image) or "")
-    if path.is_dir():
-        path = series_file(path)
+    uri = _app().datastore().get_image_uri(check_id(image))
+    if not uri:  # unknown id: MONAI Label gives "", which as a Path is the server's working folder
+        raise HTTPException(404, "Image NOT Found")
+    path = series_file(Path(uri)) if Path(uri).is_dir() else Path(uri)
     if not path.is_file():
         raise HTTPException(404, "Image NOT Found")
     return FileResponse(path, media_type=get_mime_type(str(path)), filename=path.name)

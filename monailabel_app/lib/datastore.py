@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import cv2
-from fastapi import HTTPException
 from fetalhc.dicom_out import DicomOutError, read_source, write_seg, write_sr
 from fetalhc.pipeline import measure_mask
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -222,13 +221,8 @@ class FetalDICOMWebDatastore(FetalLocalDatastore, DICOMWebDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info):
         if label_tag != DefaultLabelTag.FINAL:
             return FetalLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
-        try:
-            return self._save_final(image_id, label_filename, label_info)
-        except HTTPException:
-            # MONAI Label removes its upload in a background task, which an error response never runs.
-            if Path(label_filename).resolve().parent == Path(tempfile.gettempdir()).resolve():
-                Path(label_filename).unlink(missing_ok=True)
-            raise
+        # A refused upload goes with its request's temp folder (lib/tempfiles), as on every route.
+        return self._save_final(image_id, label_filename, label_info)
 
     def _save_final(self, image_id, label_filename, label_info):
         """SEG (and with ``store_sr`` an SR of the mask's measurement) built and checked first, then the label

@@ -49,7 +49,7 @@ def worker(config: str, model: str | None, threads: int, repeats: int) -> dict:
             measure_image(net, img.pixels, img.spacing)
             times.append(time.perf_counter() - t0)
     t = np.array(times)
-    return {"config": config, "trained": bool(model), "images": len(times), "median_s": float(np.median(t)),
+    return {"config": config, "trained": bool(model), "stages": 1 + (getattr(net, "fetalhc_refiner", None) is not None), "images": len(times), "median_s": float(np.median(t)),
             "p95_s": float(np.percentile(t, 95)), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "image_size": list(img.pixels.shape), "threads": threads}
 
@@ -67,13 +67,13 @@ def main():
         print(json.dumps(worker(config, model or None, args.threads, args.repeats)))
         return
     jobs = ([("default", args.model)] if Path(args.model).is_file() else []) + [(c, "") for c in args.configs]
-    print(f"{'config':22s} {'weights':8s} {'median s':>9s} {'p95 s':>7s} {'peak MB':>8s}  (load -> HC, "
+    print(f"{'config':22s} {'weights':8s} {'stages':>6s} {'median s':>9s} {'p95 s':>7s} {'peak MB':>8s}  (load -> HC, "
           f"{args.threads} threads, 800x540 HC18 samples)")
     for config, model in jobs:
         out = subprocess.run([sys.executable, __file__, "--worker", config, model, "--threads", str(args.threads),
                               "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['config']:22s} {'trained' if r['trained'] else 'random':8s} {r['median_s']:9.3f} "
+        print(f"{r['config']:22s} {'trained' if r['trained'] else 'random':8s} {r['stages']:6d} {r['median_s']:9.3f} "
               f"{r['p95_s']:7.3f} {r['peak_rss_mb']:8.0f}")
 
 

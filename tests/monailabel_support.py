@@ -48,6 +48,10 @@ def model_for_tests(tiny_run) -> Path:
 
 
 
+# A few second-stage steps per training request keep the suite fast; the full fine-tune is benchmarked.
+TEST_CONF = {"refiner_iters": 12}
+
+
 def app_env(studies, model_dir: Path, initial_model: Path, extra_settings: dict | None = None, **conf) -> dict:
     """Settings and environment for an in-process app (and its train/scoring subprocesses)."""
     from monailabel.config import settings
@@ -55,7 +59,8 @@ def app_env(studies, model_dir: Path, initial_model: Path, extra_settings: dict 
     values = {
         "MONAI_LABEL_APP_DIR": str(APP), "MONAI_LABEL_STUDIES": str(studies),
         "MONAI_LABEL_APP_CONF": {"models": "fetal_head", "model_dir": str(model_dir),
-                                 "initial_model": str(initial_model), **{k: str(v) for k, v in conf.items()}},
+                                 "initial_model": str(initial_model),
+                                 **{k: str(v) for k, v in {**TEST_CONF, **conf}.items()}},
         "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False, "MONAI_LABEL_AUTO_UPDATE_SCORING": False,
         "MONAI_LABEL_TRACKING_ENABLED": False, "MONAI_LABEL_SESSIONS": False, **(extra_settings or {}),
     }
@@ -144,7 +149,8 @@ def real_server(root: Path, studies: Path, *, env: dict | None = None, host: str
                      "PYTHONPATH": os.pathsep.join([str(APP), str(ROOT / "lib")]),
                      "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
                      **(env or {})})
-    conf = {"models": "fetal_head", "model_dir": str(root / "model"), "initial_model": str(DEFAULT_MODEL), **conf}
+    conf = {"models": "fetal_head", "model_dir": str(root / "model"), "initial_model": str(DEFAULT_MODEL),
+            **TEST_CONF, **conf}
     cmd = [str(bindir / "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies),
            "--host", host, "--port", str(port)] + [x for k, v in conf.items() for x in ("--conf", k, str(v))]
     url = f"http://127.0.0.1:{port}"

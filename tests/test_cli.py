@@ -105,6 +105,32 @@ def test_train_command_smoke(samples_dir, tmp_path):
     assert "best validation ADF" in out
 
 
+def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samples_dir, tmp_path):
+    from fetalhc.model import load_model, read_checkpoint
+    from fetalhc.protocol import seen_exams
+
+    out = tmp_path / "two_stage.pt"
+    base = ["train-refiner", "--hc18", samples_dir, "--model", tiny_run["best_path"], "--out", out,
+            "--batch-size", "4", "--threads", "1"]
+    code, text, err = run(*base, "--iters", "4")
+    assert code == 0, err
+    assert "step 4/4" in text and "both stages ->" in text
+    model, meta = load_model(out)
+    assert model.fetalhc_refiner is not None and meta["refiner_config"]["passes"] == 2
+    first = read_checkpoint(tiny_run["best_path"])["data"]
+    assert meta["refiner_data"]["train_exams"] == first["train_exams"]  # the first stage's own split
+    names = [r.name for r in hc18.read_records(samples_dir)]
+    assert seen_exams(meta, names) >= set(first["train_exams"])
+    code, text, err = run(*base, "--iters", "4", "--resume")  # its saved state is complete: nothing to redo
+    assert code == 0, err
+    assert "step" not in text and "both stages ->" in text
+    code, text, err = run(*base, "--iters", "8", "--resume")
+    assert code == 2 and "resume with the same number of steps" in err
+    code, text, err = run(*base[:4], out, "--out", tmp_path / "tuned.pt", "--iters", "2", "--batch-size", "2")
+    assert code == 0, err
+    assert read_checkpoint(tmp_path / "tuned.pt")["refiner_data"]["init_data"]["train_images"] == 4
+
+
 def test_export_model_halves_and_drops_optimizer(tiny_run, tmp_path):
     from fetalhc.model import load_model, read_checkpoint
     code, out, err = run("export-model", tiny_run["last_path"], tmp_path / "small.pt")

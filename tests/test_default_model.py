@@ -71,3 +71,15 @@ def test_known_ga_adds_centile(measurer, samples_dir):
     rec = hc18.read_records(samples_dir)[2]
     m = measurer.measure(hc18.read_grey(rec.image), Spacing(rec.pixel_mm, rec.pixel_mm, "test"), ga_weeks=20.0)
     assert m.centile is not None and 0 <= m.centile["centile"] <= 100
+
+
+def test_default_model_has_both_stages_and_its_mask_remeasures_to_its_hc(measurer, samples_dir):
+    from fetalhc.pipeline import measure_mask
+
+    assert measurer.model.fetalhc_refiner is not None and measurer.meta["refiner_config"]["parameters"] > 0
+    rec = hc18.read_records(samples_dir)[4]
+    spacing = Spacing(rec.pixel_mm, rec.pixel_mm, "test")
+    m = measurer.measure(hc18.read_grey(rec.image), spacing)
+    assert {"stage1_hc_px", "stage_change", "outline_confidence", "outline_residual", "mask_ellipse_dice"} <= set(m.extra)
+    # the mask sent to Slicer / saved as a label is the reported ellipse: re-measuring it changes nothing
+    assert measure_mask(m.mask, spacing).hc_mm == pytest.approx(m.hc_mm, rel=2e-3)

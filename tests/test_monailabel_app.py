@@ -14,6 +14,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from fetalhc import hc18
 from fetalhc.io import load_image
+from fetalhc.model import load_model
 from monailabel_support import DEFAULT_MODEL, SAMPLES, app_client, make_studies, model_for_tests
 
 GOOD_MODEL = DEFAULT_MODEL.is_file()
@@ -225,6 +226,9 @@ def test_sync_training_reports_progress_and_publishes_only_a_no_worse_model(env)
     stats = r.json()
     assert stats["epoch"] == stats["total_epochs"] == 1 and stats["total_time"] and "best_metric" in stats
     assert stats["train_images"] + stats["val_images"] == 5 and stats["status"] == "DONE"
+    assert stats["stage"] == "refiner" and stats["refiner_step"] == 12  # both stages were fine-tuned
+    candidate, _ = load_model(stats["candidate"])
+    assert candidate.fetalhc_refiner is not None
     assert c.get("/info/").json()["train_stats"]["fetal_head"]["total_time"] == stats["total_time"]
     if stats["published"]:
         assert stats["candidate_val_adf"] <= stats["serving_val_adf"] and digest(env["published"]) != before

@@ -66,3 +66,18 @@ def test_to_dict_from_dict_round_trip_through_json():
     assert math.isclose(d["cephalic_index"], 100 * d["bpd_mm"] / d["ofd_mm"], rel_tol=1e-3)
     empty = result.Result.from_dict({"hc_mm": None, "qc_ok": False, "qc_reasons": ["no head found"]})
     assert empty.ellipse_px is None and empty.to_dict()["ga_text"].startswith("n/a")
+
+
+def test_zoom_qc_passes_hc18_heads_and_flags_a_head_far_too_large_or_small_for_the_zoom(samples_dir):
+    import csv
+
+    from fetalhc.result import zoom_reasons
+
+    with open(samples_dir / "training_set_pixel_size_and_HC.csv") as f:
+        for row in csv.DictReader(f):
+            px, hc = float(row["pixel size(mm)"]), float(row["head circumference (mm)"])
+            assert zoom_reasons(hc, Spacing(px, px, "csv")) == [], row["filename"]
+    small_head_px = Spacing(0.06, 0.06, "csv")  # zoomed in on a ~65 mm first-trimester head
+    assert "unusually large" in zoom_reasons(164.0, small_head_px)[0]  # a mask over the whole sac
+    assert "unusually small" in zoom_reasons(60.0, Spacing(0.19, 0.19, "csv"))[0]  # a fragment of a term head
+    assert zoom_reasons(None, small_head_px) == [] and zoom_reasons(100.0, None) == []

@@ -112,6 +112,43 @@ def _train(args) -> int:
     return 0
 
 
+def _train_refiner(args) -> int:
+    import torch
+
+    from .data import hc18_samples, split_samples
+    from .model import read_checkpoint
+    from .refine import RefinerConfig
+    from .refine_train import RefineTrainConfig, refine_checkpoint
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    samples = hc18_samples(args.hc18)
+    if args.protocol:
+        from .protocol import protocol_split
+        dev = set(protocol_split([s.name for s in samples]).dev)
+        samples = [s for s in samples if s.name in dev]
+    data = read_checkpoint(args.model).get("data") or {}
+    if data.get("train_exams"):  # the first stage's own split: its validation images are new to it
+        train_ex, val_ex = set(data["train_exams"]), set(data.get("val_exams", []))
+        train = [s for s in samples if s.group in train_ex]
+        val = [s for s in samples if s.group in val_ex]
+    else:
+        train, val = split_samples(samples, args.val_fraction, args.seed)
+    print(f"second stage: {len(train)} training / {len(val)} validation images", file=sys.stderr)
+    tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
+                            cfg=RefinerConfig(passes=args.passes), tc=tc, fine_tune=not args.from_scratch, resume=args.resume,
+                            progress=lambda r: print(_refine_line(r, args.iters), flush=True),
+                            data_summary={"source": f"HC18 {Path(args.hc18).name}", "protocol": args.protocol})
+    print(f"both stages -> {res['path']} ({res['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _refine_line(r: dict, total: int) -> str:
+    val = (f" val ADF {r['val_adf_mm']:.2f} mm (first stage {r['val_stage1_adf_mm']:.2f})"
+           if "val_adf_mm" in r else "")
+    return f"step {r['step']}/{total} loss {r['loss']:.3f}{val} ({r['seconds'] / 60:.1f} min)"
+
+
 def _evaluate(args) -> int:
     from . import hc18
     from .evaluate import evaluate_submission, format_summary
@@ -260,6 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the evaluation protocol's test exams (see `fetalhc protocol`)")
     split_args(t)
     t.set_defaults(func=_train)
+
+    f = sub.add_parser("train-refiner", help="train the second stage (native-resolution skull outline) for a "
+                                             "first-stage checkpoint; writes a checkpoint with both stages")
+    f.add_argument("--hc18", required=True, help="HC18 folder with training_set/ and its CSV")
+    f.add_argument("--model", required=True, help="first-stage checkpoint (its train/validation exams are reused)")
+    f.add_argument("--out", required=True, help="checkpoint to write (both stages); OUT.work/ holds the resumable state")
+    f.add_argument("--iters", type=int, default=3000)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--lr", type=float, default=2e-3)
+    f.add_argument("--passes", type=int, default=2, help="refinement passes at inference (2: chosen on "
+                                                         "development images; a fine-tune keeps the checkpoint's)")
+    f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
+    f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
+    f.add_argument("--threads", type=int, help="CPU threads for torch")
+    f.add_argument("--protocol", action="store_true", help="leave out the protocol's test exams")
+    split_args(f)
+    f.set_defaults(func=_train_refiner)
 
     e = sub.add_parser("evaluate", help="score an HC18 submission CSV: ADF, DF, Dice, Hausdorff")
     e.add_argument("predictions")

@@ -123,6 +123,7 @@ def build_model(config: str | ModelConfig = DEFAULT_CONFIG, num_classes: int = 2
         box_batch_size_per_image=cfg.rois_per_image,
     )
     model.fetalhc_config = cfg
+    model.fetalhc_refiner = None  # optional second stage (fetalhc.refine), set from a checkpoint
     return model
 
 
@@ -190,8 +191,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, half: bool = False, *
     state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
     if half:
         state = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in state.items())
-    cfg = model.fetalhc_config if hasattr(model, "fetalhc_config") else model.module.fetalhc_config
-    blob = {"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "state_dict": state, **meta}
+    model = model.module if hasattr(model, "module") else model
+    blob = {"format": CHECKPOINT_FORMAT, "config": asdict(model.fetalhc_config), "state_dict": state, **meta}
+    if getattr(model, "fetalhc_refiner", None) is not None:  # the second stage travels with the first
+        blob["refiner"] = model.fetalhc_refiner.to_blob(half=half)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -240,10 +243,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match config {cfg.name!r}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    attach_refiner(model, blob)
+    meta = {k: v for k, v in blob.items() if k not in ("state_dict", "refiner")}
+    meta["refiner_config"] = None if model.fetalhc_refiner is None else model.fetalhc_refiner.describe()
     meta["path"] = str(path)
     meta["version"] = model_version(path)
     return model, meta
+
+
+def attach_refiner(model: MaskRCNN, blob: dict) -> None:
+    """Give ``model`` the checkpoint's second stage (``model.fetalhc_refiner``; None when it has none)."""
+    from .refine import Refiner  # refine imports nothing from here; kept local so model.py stays first-stage
+    try:
+        model.fetalhc_refiner = Refiner.from_blob(blob["refiner"]) if blob.get("refiner") else None
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"the checkpoint's outline refiner does not load: {exc}") from None
 
 
 def model_version(path: str | Path) -> str:

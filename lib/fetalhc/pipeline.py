@@ -1,7 +1,8 @@
 """The measurement pipeline: grey image + spacing -> head mask -> ellipse -> HC (mm) -> GA + QC.
 
-``measure_image`` is the one function behind the CLI, the MONAI Label infer task, validation during
-training and the tests.
+Stage 1, Mask R-CNN, finds the head and a first ellipse; stage 2 (``fetalhc.refine``, when the checkpoint
+has one) places the outline at full resolution around it. ``measure_image`` is the one function behind the
+CLI, the MONAI Label infer task, validation during training and the tests.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .geometry import largest_component
+from .geometry import ellipse_mask, largest_component
 from .io import Spacing
 from .model import CheckpointError, detect, load_model
-from .result import OUTLINE_AI, OUTLINE_MASK, Result, measure_region
+from .refine import refine_points, refine_qc
+from .result import (OUTLINE_AI, OUTLINE_MASK, Result, agreement_reasons, measure_points, measure_region,
+                     zoom_reasons)
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fetalhc_default.pt"
 MIN_SCORE = 0.2  # below this a detection is noise (a blank frame scores ~0.07), not a head
@@ -66,12 +69,29 @@ def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
         return _finish(empty, ["no head found"], t0)
     binary = largest_component(soft >= 0.5)
     low = [f"low detection score {score:.2f} < {score_threshold:.2f}"] if score < score_threshold else []
+    kw = dict(spacing_at=spacing_at, ga_weeks=ga_weeks, outline_source=OUTLINE_AI)
     try:
-        res = measure_region(binary, spacing, soft=soft, spacing_at=spacing_at, ga_weeks=ga_weeks,
-                             outline_source=OUTLINE_AI, qc_reasons=low)
+        res = measure_region(binary, spacing, soft=soft, qc_reasons=low, **kw)
+        refiner = getattr(model, "fetalhc_refiner", None)
+        if refiner is not None:
+            res, binary = _refined(refiner, pixels, spacing, res, low, kw)
     except ValueError as exc:
         return _finish(empty, [f"no head found ({exc})"], t0)
+    res.qc_reasons += zoom_reasons(res.hc_mm, res.spacing)
     return _finish(_with_mask(res, binary, score=score, model_version=model_version), res.qc_reasons, t0)
+
+
+def _refined(refiner, pixels: np.ndarray, spacing: Spacing | None, first: Result, reasons: list[str],
+             kw: dict) -> tuple[Result, np.ndarray]:
+    """The second stage's outline from the first stage's ellipse, with the QC of both stages; the mask
+    returned is the refined ellipse, so that re-measuring it (Slicer, a saved label) gives the same HC."""
+    pts, conf = refine_points(refiner, pixels, first.ellipse_px)
+    stage_qc = refine_qc(first, pts, conf)
+    res = measure_points(pts, spacing, image_shape=pixels.shape,
+                         qc_reasons=reasons + agreement_reasons(first.extra["mask_ellipse_dice"]) + stage_qc["reasons"],
+                         **kw)
+    res.extra.update(mask_ellipse_dice=first.extra["mask_ellipse_dice"], **stage_qc["extra"])
+    return res, ellipse_mask(res.ellipse_px, pixels.shape)
 
 
 def measure_mask(mask: np.ndarray, spacing: Spacing | None, *,

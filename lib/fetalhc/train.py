@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .data import HeadDataset, Sample, collate, seed_everything
 from .engine import train_one_epoch, validate
-from .model import CHECKPOINT_FORMAT, build_model, config_from_dict, read_checkpoint, save_checkpoint, with_overrides
+from .model import CHECKPOINT_FORMAT, attach_refiner, build_model, config_from_dict, read_checkpoint, save_checkpoint, with_overrides
 from .transforms import Augment
 
 
@@ -91,6 +91,7 @@ def fit(cfg: TrainConfig, train_samples: list[Sample], val_samples: list[Sample]
     if resume_blob or init_blob:
         blob = resume_blob or init_blob
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+        attach_refiner(model, blob)  # a second stage carries over; validation measures with both stages
     model.to(device)
 
     ds = HeadDataset(train_samples, model_cfg.input_size, Augment() if cfg.augment else None, seed=cfg.seed)

@@ -1,7 +1,7 @@
 """Task config ``fetal_head``: where the served model lives, and the infer/train/active-learning tasks over it.
 
 Conf options (``--conf key value``): model_dir, initial_model, pixel_csv, score_threshold, max_epochs,
-train_batch_size, learning_rate, val_split, publish, keep_runs, auto_train_every (see README.md).
+train_batch_size, learning_rate, val_split, publish, refiner_iters, keep_runs, auto_train_every (see README.md).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lib.trainers.fetal_head import POLICIES, FetalHeadTrain
 
 logger = logging.getLogger(__name__)
 TRAIN_OPTIONS = {"max_epochs": int, "train_batch_size": int, "learning_rate": float, "val_split": float,
-                 "publish": str}
+                 "publish": str, "refiner_iters": int}
 
 
 class FetalHeadConfig(TaskConfig):

@@ -24,6 +24,7 @@ from fetalhc.engine import validate
 from fetalhc.hc18 import exam_of
 from fetalhc.io import Spacing
 from fetalhc.model import CONFIGS, CheckpointError, load_model
+from fetalhc.refine_train import RefineTrainConfig, refine_checkpoint
 from fetalhc.train import TrainConfig, fit
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
@@ -80,7 +81,9 @@ def check_request(req: dict) -> dict:
         "seed": _default(number(req["seed"], "seed", 0, 2 ** 31 - 1, integer=True), 0),
         "score_threshold": _default(number(req["score_threshold"], "score_threshold", 0.0, 1.0), 0.5),
         "from_scratch": _flag(req["from_scratch"], "from_scratch"), "augment": _flag(req["augment"], "augment"),
-        "multi_gpu": _flag(req.get("multi_gpu", True), "multi_gpu")}
+        "multi_gpu": _flag(req.get("multi_gpu", True), "multi_gpu"),
+        "refiner_iters": number(req.get("refiner_iters", 0), "refiner_iters", 0, 100000, integer=True) or 0,
+        "refiner_lr": number(req.get("refiner_lr", 5e-4), "refiner_lr", 1e-7, 1.0)}
 
 
 class StatsWriter:
@@ -99,6 +102,12 @@ class StatsWriter:
             "best_metric": self.best_dice or 0.0, "best_adf_mm": s.get("best_metric"),
             "val_adf_mm": s.get("val_adf_mm"), "val_dice": s.get("val_dice"), "train_loss": s.get("train_loss"),
             "current_time": _clock(s["total_time"]), "current_time_s": round(s["total_time"], 1)})
+
+
+    def refiner_step(self, r: dict):
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {**self.base}
+        write_json(self.path, {**state, "status": "RUNNING", "stage": "refiner", "refiner_step": r["step"],
+                               "refiner_val_adf": r.get("val_adf_mm")})
 
 
 def _free_port() -> int:
@@ -128,7 +137,10 @@ class FetalHeadTrain(TrainTask):
             "val_split": 0.2, "from_scratch": False, "augment": True,
             "publish": list(POLICIES),  # always: still only a completed, loadable checkpoint
             "score_threshold": 0.5, "seed": 0, "model_config": "mobilenet_v3_fpn",
-            "multi_gpu": True, "gpus": "all", "device": device_list(), **defaults}
+            "multi_gpu": True, "gpus": "all", "device": device_list(),
+            # second stage (outline refiner) steps after the Mask R-CNN epochs; 0 keeps it unchanged.
+            # ~2000 when it starts from scratch, a few hundred to fine-tune
+            "refiner_iters": 300, "refiner_lr": 5e-4, **defaults}
 
     def config(self):
         return self._config
@@ -216,6 +228,7 @@ class FetalHeadTrain(TrainTask):
                                             nprocs=len(gpus))
             else:
                 fit(cfg, train, val, callback=writer, show_progress=False)
+            self._refine(Path(cfg.out_dir), train, val, opts, writer)
             decision = self._decide(Path(cfg.out_dir), val, policy, device, cfg.score_threshold)
         except Exception as exc:
             write_json(self.stats_path, {**self.stats(), "status": "ERROR", "error": f"{type(exc).__name__}: {exc}",
@@ -229,6 +242,17 @@ class FetalHeadTrain(TrainTask):
         write_json(self.stats_path, stats)
         self._cleanup_runs()
         return stats
+
+    def _refine(self, run_dir: Path, train, val, opts: dict, writer: "StatsWriter"):
+        """Second stage: fine-tune the checkpoint's outline refiner (train one from scratch when it has none)
+        on the same labels, into the candidate, which is then validated with both stages."""
+        if not opts["refiner_iters"] or not (run_dir / "best.pt").is_file():
+            return
+        tc = RefineTrainConfig(iters=opts["refiner_iters"], lr=opts["refiner_lr"], seed=opts["seed"],
+                               eval_every=max(1, opts["refiner_iters"] // 4))
+        refine_checkpoint(run_dir / "best.pt", run_dir / "best.pt", train, val, run_dir / "refiner", tc=tc,
+                          progress=writer.refiner_step,
+                          data_summary={"source": "MONAI Label datastore final labels"})
 
     def _decide(self, run_dir: Path, val: list[Sample], policy: str, device: str, threshold: float) -> dict:
         """Publish only a completed, loadable checkpoint that is no worse than the serving one."""

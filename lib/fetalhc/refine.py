@@ -1,0 +1,193 @@
+"""Second stage: the skull outline at native resolution, one radius per angle in a polar unwrapping.
+
+Mask R-CNN's mask is 28 x 28 cells however large the head: for a 300 mm head one cell is ~20 mm of HC.
+The refiner unwraps the full-resolution image around the first-stage ellipse ``e``: column ``k`` is the
+ray from ``e``'s centre through ``e``'s point at parametric angle ``t_k``, row ``j`` the radial fraction
+``s_j`` in [1 - span, 1 + span] of that point's distance. A small U-Net (circular along the angle)
+gives, per column, a distribution over rows: where the outer skull edge, as HC18 annotators draw it,
+crosses the ray. The expected row of each column is one outline point, and the ellipse is fitted to the
+points that lie inside the image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .geometry import Ellipse, fit_points
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    n_angles: int = 64
+    n_radii: int = 64
+    span: float = 0.3  # radial window: the first-stage radius x [1 - span, 1 + span]
+    supersample: tuple = (2, 3)  # (radial, angular) samples averaged per polar cell: less speckle
+    width: int = 16  # channels of the first level; doubled per level
+    passes: int = 2  # unwrap again around the refined ellipse (2 beat 1 and 3 on development images)
+
+
+def fractions(cfg: RefinerConfig) -> np.ndarray:
+    return np.linspace(1.0 - cfg.span, 1.0 + cfg.span, cfg.n_radii)
+
+
+def polar_grid(e: Ellipse, cfg: RefinerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) image coordinates of the supersampled polar grid, each (n_radii * sr, n_angles * sa)."""
+    sr, sa = cfg.supersample
+    step = 2 * cfg.span / (cfg.n_radii - 1)
+    s = fractions(cfg)[:, None] + (np.arange(sr) - (sr - 1) / 2)[None] * step / sr
+    t = 2 * math.pi * (np.arange(cfg.n_angles)[:, None] + (np.arange(sa) - (sa - 1) / 2)[None] / sa) / cfg.n_angles
+    d = np.stack([np.cos(t.ravel()), np.sin(t.ravel())], 1) @ e.matrix().T  # (A * sa, 2) centre -> ellipse
+    s = s.ravel()[:, None]
+    return (e.cx + s * d[None, :, 0]).astype(np.float32), (e.cy + s * d[None, :, 1]).astype(np.float32)
+
+
+def unwrap(pixels: np.ndarray, e: Ellipse, cfg: RefinerConfig) -> np.ndarray:
+    """Polar image (n_radii, n_angles), float32, standardised; outside the image reads as 0 before that."""
+    gx, gy = polar_grid(e, cfg)
+    sr, sa = cfg.supersample
+    p = cv2.remap(np.ascontiguousarray(pixels, np.float32), gx, gy, cv2.INTER_LINEAR,
+                  borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    p = p.reshape(cfg.n_radii, sr, cfg.n_angles, sa).mean((1, 3))
+    return ((p - p.mean()) / (p.std() + 1e-3)).astype(np.float32)
+
+
+def ray_points(e: Ellipse, s: np.ndarray, cfg: RefinerConfig) -> np.ndarray:
+    """(x, y) of radial fraction ``s[k]`` on ray ``k`` (the column centres)."""
+    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
+    d = np.stack([np.cos(t), np.sin(t)], 1) @ e.matrix().T
+    return np.array([e.cx, e.cy]) + np.asarray(s, float)[:, None] * d
+
+
+def ray_crossings(e: Ellipse, target: Ellipse, cfg: RefinerConfig) -> np.ndarray:
+    """Radial fraction where each ray of ``e`` leaves ``target`` (NaN where its centre is outside it)."""
+    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
+    d = np.stack([np.cos(t), np.sin(t)], 1) @ e.matrix().T
+    inv = np.linalg.inv(target.matrix())
+    p = inv @ np.array([e.cx - target.cx, e.cy - target.cy])
+    q = d @ inv.T
+    qq, pq, pp = (q * q).sum(1), q @ p, p @ p
+    disc = pq * pq - qq * (pp - 1.0)
+    with np.errstate(invalid="ignore"):
+        s = (-pq + np.sqrt(disc)) / qq
+    return np.where((disc > 0) & (pp < 1.0), s, np.nan)
+
+
+def _block(cin, cout):
+    # circular padding along the angle (width), zeros along the radius (height)
+    return nn.Sequential(CircularConv(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         CircularConv(cout, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CircularConv(nn.Conv2d):
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, padding=0, bias=False)
+
+    def forward(self, x):
+        x = F.pad(F.pad(x, (1, 1, 0, 0), mode="circular"), (0, 0, 1, 1))
+        return super().forward(x)
+
+
+class OutlineNet(nn.Module):
+    """Three-level U-Net on the polar image: logits (B, n_radii, n_angles), softmax over the radius."""
+
+    def __init__(self, cfg: RefinerConfig):
+        super().__init__()
+        w = cfg.width
+        self.cfg = cfg
+        self.enc = nn.ModuleList([_block(1, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
+        self.dec = nn.ModuleList([_block(6 * w, 2 * w), _block(3 * w, w)])
+        self.head = nn.Conv2d(w, 1, 1)
+
+    def forward(self, x):  # x: (B, 1, R, A)
+        skips = []
+        for i, blk in enumerate(self.enc):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for blk, skip in zip(self.dec, reversed(skips[:-1])):
+            x = blk(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False), skip], 1))
+        return self.head(x)[:, 0]
+
+
+class Refiner:
+    """A trained :class:`OutlineNet` with its config; ``outline`` turns a first-stage ellipse into points."""
+
+    def __init__(self, net: OutlineNet):
+        self.net, self.cfg = net.eval(), net.cfg
+        self._s = torch.from_numpy(fractions(self.cfg)).float()
+
+    @torch.no_grad()
+    def outline(self, pixels: np.ndarray, e: Ellipse) -> tuple[np.ndarray, np.ndarray]:
+        """Outline points (n_angles, 2) and each point's confidence (probability mass within 2 rows)."""
+        x = torch.from_numpy(unwrap(pixels, e, self.cfg))[None, None]
+        prob = self.net(x)[0].softmax(0)  # (R, A)
+        s = (prob * self._s[:, None]).sum(0)
+        idx = prob.argmax(0)
+        rows = torch.arange(self.cfg.n_radii)[:, None]
+        conf = (prob * ((rows - idx[None]).abs() <= 2)).sum(0)
+        return ray_points(e, s.numpy(), self.cfg), conf.numpy()
+
+    def to_blob(self, half: bool = False) -> dict:
+        state = {k: v.half() if half and v.is_floating_point() else v for k, v in self.net.state_dict().items()}
+        return {"config": asdict(self.cfg), "state_dict": state}
+
+    def describe(self) -> dict:
+        return {**asdict(self.cfg), "parameters": sum(p.numel() for p in self.net.parameters())}
+
+    @classmethod
+    def from_blob(cls, blob: dict) -> "Refiner":
+        c = dict(blob["config"])
+        c["supersample"] = tuple(c["supersample"])
+        net = OutlineNet(RefinerConfig(**c))
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+        return cls(net)
+
+
+def refine_points(refiner: Refiner, pixels: np.ndarray, start: Ellipse) -> tuple[np.ndarray, np.ndarray]:
+    """Outline points inside the image and their confidences, after ``cfg.passes`` passes from ``start``
+    (each pass re-centres the polar unwrapping on the previous pass's ellipse)."""
+    e, h, w = start, *pixels.shape
+    for k in range(refiner.cfg.passes):
+        pts, conf = refiner.outline(pixels, e)
+        inside = (pts[:, 0] >= 0) & (pts[:, 1] >= 0) & (pts[:, 0] <= w - 1) & (pts[:, 1] <= h - 1)
+        if inside.sum() >= 8:  # a head cut by the border: fit the visible part only
+            pts, conf = pts[inside], conf[inside]
+        if k + 1 < refiner.cfg.passes:
+            e = fit_points(pts)
+    return pts, conf
+
+
+# QC of the two stages together. Chosen on the development exams' validation images (first stage not
+# trained on them), never on the protocol test set: models/protocol/README.md gives the procedure.
+MAX_STAGE_CHANGE = 0.15  # |HC refined / HC first stage - 1|: the stages disagree about the head
+MIN_OUTLINE_CONFIDENCE = 0.5  # median per-ray probability mass near the chosen radius
+MAX_OUTLINE_RESIDUAL = 0.05  # RMS radial misfit of the points to their ellipse, relative to its radius
+
+
+def radial_residual(e: Ellipse, pts: np.ndarray) -> np.ndarray:
+    """Relative radial distance of each point from ellipse ``e`` (0 on it, 0.1 = 10 % outside)."""
+    u = (np.asarray(pts, float) - [e.cx, e.cy]) @ np.linalg.inv(e.matrix()).T
+    return np.hypot(u[:, 0], u[:, 1]) - 1.0
+
+
+def refine_qc(first, pts: np.ndarray, conf: np.ndarray) -> dict:
+    """QC reasons and figures for a refined outline ``pts`` of a first-stage result ``first``."""
+    e = fit_points(pts)
+    change = e.perimeter / first.hc_px - 1.0
+    confidence = float(np.median(conf))
+    residual = float(np.sqrt(np.mean(radial_residual(e, pts) ** 2)))
+    reasons = []
+    if abs(change) > MAX_STAGE_CHANGE:
+        reasons.append(f"the two stages disagree: refined HC {100 * change:+.0f} % from the first stage's")
+    if confidence < MIN_OUTLINE_CONFIDENCE:
+        reasons.append(f"skull outline unclear (confidence {confidence:.2f})")
+    if residual > MAX_OUTLINE_RESIDUAL:
+        reasons.append(f"outline irregular ({100 * residual:.1f} % radial misfit to its ellipse)")
+    return {"reasons": reasons, "extra": {"stage1_hc_px": round(first.hc_px, 2), "stage_change": round(change, 4),
+                                          "outline_confidence": round(confidence, 3),
+                                          "outline_residual": round(residual, 4)}}

@@ -1,0 +1,230 @@
+"""Training the outline refiner (:mod:`fetalhc.refine`) from ground-truth ellipses.
+
+Inputs are made by perturbing each ground-truth ellipse the way first-stage ellipses miss it (size,
+shape, centre, angle), so training needs no first-stage predictions, and a clinician's label (any head
+mask) is a training sample. Validation runs on real first-stage ellipses. Progress and a resumable
+state (``refiner_last.pt``) are written every ``eval_every`` steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+
+from .geometry import Ellipse, fit_mask, fit_points
+from .refine import OutlineNet, Refiner, RefinerConfig, ray_crossings, refine_points, unwrap
+
+
+@dataclass
+class RefineSample:
+    pixels: np.ndarray  # uint8 (H, W)
+    gt: Ellipse  # ground-truth head outline, pixels
+    pixel_mm: float
+    name: str = ""
+    start: Ellipse | None = None  # a first-stage ellipse (validation only)
+
+
+@dataclass
+class RefineTrainConfig:
+    iters: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    eval_every: int = 250
+    seed: int = 0
+    # first-stage misses, as log-normal / normal spreads relative to the head's size
+    size_sd: float = 0.05
+    aspect_sd: float = 0.03
+    shift_sd: float = 0.03
+    angle_sd: float = 0.1
+    ema: float = 0.998  # the result is this exponential moving average of the weights (steadier than the last)
+
+
+def perturb(gt: Ellipse, rng: np.random.Generator, c: RefineTrainConfig) -> Ellipse:
+    k = math.exp(rng.normal(0, c.size_sd))
+    q = math.exp(rng.normal(0, c.aspect_sd))
+    dx, dy = rng.normal(0, c.shift_sd * gt.b, 2)
+    return Ellipse.make(gt.cx + dx, gt.cy + dy, gt.a * k * q, gt.b * k / q, gt.angle + rng.normal(0, c.angle_sd))
+
+
+def targets(start: Ellipse, gt: Ellipse, shape: tuple[int, int], cfg: RefinerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Target row (float) per ray and its weight: 0 where the crossing is outside the window or image."""
+    s = ray_crossings(start, gt, cfg)
+    lo, hi = 1 - cfg.span, 1 + cfg.span
+    row = (s - lo) / (hi - lo) * (cfg.n_radii - 1)
+    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
+    d = np.stack([np.cos(t), np.sin(t)], 1) @ start.matrix().T
+    with np.errstate(invalid="ignore"):
+        x, y = start.cx + s * d[:, 0], start.cy + s * d[:, 1]
+        ok = np.isfinite(s) & (s >= lo) & (s <= hi) & (x >= 0) & (y >= 0) & (x <= shape[1] - 1) & (y <= shape[0] - 1)
+    return np.where(ok, row, 0.0).astype(np.float32), ok.astype(np.float32)
+
+
+def _orient(pixels: np.ndarray, e: Ellipse, rng: np.random.Generator) -> tuple[np.ndarray, Ellipse]:
+    """The thesis's flips and 90-degree rotations, applied to the image and its ellipse."""
+    if rng.random() < 0.5:  # horizontal flip
+        pixels, e = pixels[:, ::-1], Ellipse.make(pixels.shape[1] - 1 - e.cx, e.cy, e.a, e.b, math.pi - e.angle)
+    if rng.random() < 0.5:  # vertical flip
+        pixels, e = pixels[::-1], Ellipse.make(e.cx, pixels.shape[0] - 1 - e.cy, e.a, e.b, -e.angle)
+    for _ in range(int(rng.integers(0, 4))):  # np.rot90: (x, y) -> (y, W - 1 - x)
+        pixels, e = np.rot90(pixels), Ellipse.make(e.cy, pixels.shape[1] - 1 - e.cx, e.a, e.b, e.angle - math.pi / 2)
+    return np.ascontiguousarray(pixels), e
+
+
+def make_batch(samples: list[RefineSample], rng: np.random.Generator, cfg: RefinerConfig, tc: RefineTrainConfig):
+    xs, rows, ws = [], [], []
+    for i in rng.integers(0, len(samples), tc.batch_size):
+        s = samples[i]
+        pixels, gt = _orient(s.pixels, s.gt, rng)
+        start = perturb(gt, rng, tc)
+        gain = rng.uniform(0.8, 1.5)  # the thesis's intensity augmentation
+        img = np.minimum(pixels.astype(np.float32) * gain, 255.0)
+        x = unwrap(img, start, cfg)
+        if rng.random() < 0.5:  # blur, in the polar image (cheaper than blurring the whole frame)
+            x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.5), borderType=cv2.BORDER_REFLECT)
+            x = (x - x.mean()) / (x.std() + 1e-3)
+        xs.append(x)
+        r, w = targets(start, gt, pixels.shape, cfg)
+        rows.append(r)
+        ws.append(w)
+    return (torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(ws)))
+
+
+def loss_fn(logits: torch.Tensor, row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a Gaussian (sd 1 row) around the target row, plus the expected row's L1."""
+    r = torch.arange(logits.shape[1], dtype=torch.float32)[None, :, None]
+    target = torch.exp(-0.5 * (r - row[:, None]) ** 2)
+    target = target / target.sum(1, keepdim=True)
+    logp = logits.log_softmax(1)
+    ce = -(target * logp).sum(1)
+    expected = (logp.exp() * r).sum(1)
+    per_ray = ce + 0.1 * (expected - row).abs()
+    return (per_ray * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def evaluate_refiner(refiner: Refiner, val: list[RefineSample]) -> dict:
+    """HC error (mm) of the refined ellipse and of the first stage's, on first-stage starts."""
+    ref, base = [], []
+    for s in val:
+        e = fit_points(refine_points(refiner, s.pixels, s.start)[0])
+        gt_hc = s.gt.perimeter * s.pixel_mm
+        ref.append(e.perimeter * s.pixel_mm - gt_hc)
+        base.append(s.start.perimeter * s.pixel_mm - gt_hc)
+    ref, base = np.array(ref), np.array(base)
+    return {"n": len(val), "adf_mm": float(np.abs(ref).mean()), "df_mm": float(ref.mean()),
+            "p95_mm": float(np.percentile(np.abs(ref), 95)) if len(ref) else math.nan,
+            "stage1_adf_mm": float(np.abs(base).mean()), "stage1_df_mm": float(base.mean())}
+
+
+def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: str | Path,
+                  cfg: RefinerConfig = RefinerConfig(), tc: RefineTrainConfig = RefineTrainConfig(), *,
+                  init: Refiner | None = None, resume: bool = False,
+                  progress: Callable[[dict], None] | None = print, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Train; returns {'refiner', 'history', 'seconds'}. The last state is the result (no checkpoint
+    choice on validation: the schedule is fixed in advance)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    net = OutlineNet(cfg)
+    if init is not None:
+        net.load_state_dict(init.net.state_dict())
+    ema = copy.deepcopy(net).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=tc.iters, pct_start=0.1)
+    step, history, spent = 0, [], 0.0
+    state_path = out / "refiner_last.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        if st["sched"]["total_steps"] != tc.iters:  # the one-cycle schedule is planned for its length
+            raise ValueError(f"{state_path} was planned for {st['sched']['total_steps']} steps, not {tc.iters}: "
+                             "resume with the same number of steps")
+        net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
+        ema.load_state_dict(st["ema"])
+        step, history, spent = st["step"], st["history"], st["seconds"]
+        rng = np.random.default_rng([tc.seed, step])
+    t0, running = time.time() - spent, []
+    while step < tc.iters and not (should_stop and should_stop()):
+        net.train()
+        x, row, w = make_batch(train, rng, cfg, tc)
+        loss = loss_fn(net(x), row, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        _update_ema(ema, net, min(tc.ema, 1.0 - 1.0 / step))  # early steps: plain average
+        running.append(loss.item())
+        if step % tc.eval_every == 0 or step == tc.iters:
+            rec = {"step": step, "loss": float(np.mean(running)), "seconds": time.time() - t0}
+            running = []
+            if val:
+                rec.update({f"val_{k}": v for k, v in evaluate_refiner(Refiner(ema), val).items()})
+            history.append(rec)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                        "history": history, "seconds": rec["seconds"], "config": asdict(cfg)}, tmp)
+            os.replace(tmp, state_path)
+            if progress:
+                progress(rec)
+    return {"refiner": Refiner(ema), "history": history, "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def _update_ema(ema: OutlineNet, net: OutlineNet, decay: float):
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):  # BatchNorm statistics: the current ones
+        be.copy_(b)
+
+
+def refine_samples(samples, with_start_from=None) -> list[RefineSample]:
+    """:class:`fetalhc.data.Sample` (image + head mask) -> refiner samples; ``with_start_from`` (a first-stage
+    model) adds each image's first-stage ellipse, and drops images where it finds no head."""
+    from .pipeline import measure_image
+    out = []
+    for s in samples:
+        gt = fit_mask(s.mask)[0]
+        start = None
+        if with_start_from is not None:
+            start = measure_image(with_start_from, s.image, None).ellipse_px
+            if start is None:
+                continue
+        out.append(RefineSample(s.image, gt, s.spacing.col_mm if s.spacing else 1.0, s.name, start))
+    return out
+
+
+def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, work_dir: str | Path, *,
+                      cfg: RefinerConfig | None = None, tc: RefineTrainConfig = RefineTrainConfig(),
+                      fine_tune: bool = True, resume: bool = False, progress=print, should_stop=None,
+                      data_summary: dict | None = None) -> dict:
+    """Train the second stage for the first-stage checkpoint ``ckpt_in`` on ``train`` (Samples) and write
+    both stages to ``ckpt_out``. ``fine_tune`` starts from ``ckpt_in``'s refiner when it has one (and keeps
+    its config). Validation (``val``) starts from the first stage's own ellipses."""
+    from .model import attach_refiner, load_model, read_checkpoint, save_checkpoint
+    blob = read_checkpoint(ckpt_in)
+    model, _ = load_model(ckpt_in)
+    init = model.fetalhc_refiner if fine_tune else None
+    model.fetalhc_refiner = None  # validation starts from the first stage alone
+    cfg = init.cfg if init is not None else (cfg or RefinerConfig())
+    result = train_refiner(refine_samples(train), refine_samples(val, with_start_from=model), work_dir, cfg, tc,
+                           init=init, resume=resume, progress=progress, should_stop=should_stop)
+    model.fetalhc_refiner = result["refiner"]
+    meta = {k: v for k, v in blob.items() if k not in ("format", "config", "state_dict", "refiner",
+                                                      "optimizer", "scheduler")}
+    lineage = (blob.get("refiner_data") or {}) if fine_tune and init is not None else {}
+    meta["refiner_data"] = {**(data_summary or {}), "train_images": len(train), "val_images": len(val),
+                            "train_exams": sorted({s.group for s in train}), "val_exams": sorted({s.group for s in val}),
+                            "init_data": lineage or None, "train_config": asdict(tc), "history": result["history"],
+                            "seconds": round(result["seconds"], 1)}
+    half = any(v.dtype == torch.float16 for v in blob["state_dict"].values() if v.is_floating_point())
+    save_checkpoint(ckpt_out, model, half=half, **meta)
+    return {**result, "path": str(ckpt_out)}

@@ -1,0 +1,138 @@
+"""The second stage (fetalhc.refine): polar geometry, training targets, training/resume, checkpoints, QC."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fetalhc.data import Sample
+from fetalhc.geometry import Ellipse, ellipse_mask
+from fetalhc.model import build_model, load_model, save_checkpoint
+from fetalhc.protocol import seen_exams
+from fetalhc.refine import (OutlineNet, Refiner, RefinerConfig, radial_residual, ray_crossings, ray_points,
+                            refine_points, refine_qc, unwrap)
+from fetalhc.refine_train import RefineSample, RefineTrainConfig, _orient, loss_fn, targets, train_refiner
+from fetalhc.result import measure_points
+
+CFG = RefinerConfig()
+
+
+def ring_image(e: Ellipse, shape=(300, 400), seed=0) -> np.ndarray:
+    """A bright skull-like band just inside ellipse ``e`` on speckle."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(40, 10, shape)
+    inner = Ellipse(e.cx, e.cy, e.a * 0.93, e.b * 0.93, e.angle)
+    img[ellipse_mask(e, shape) & ~ellipse_mask(inner, shape)] += 150
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_rays_cross_a_scaled_ellipse_where_expected():
+    e = Ellipse.make(200, 150, 90, 60, 0.4)
+    for k in (0.8, 1.0, 1.2):
+        target = Ellipse.make(200, 150, 90 * k, 60 * k, 0.4)
+        s = ray_crossings(e, target, CFG)
+        assert np.allclose(s, k)
+        assert np.allclose(radial_residual(target, ray_points(e, s, CFG)), 0, atol=1e-9)
+    shifted = Ellipse.make(215, 140, 95, 58, 0.5)
+    pts = ray_points(e, ray_crossings(e, shifted, CFG), CFG)
+    assert np.abs(radial_residual(shifted, pts)).max() < 1e-9
+    assert np.isnan(ray_crossings(e, Ellipse.make(600, 150, 20, 20, 0), CFG)).all()  # centre outside: no target
+
+
+def test_targets_are_rows_of_the_window_and_zero_weight_outside_image_or_window():
+    gt = Ellipse.make(200, 150, 90, 60, 0.0)
+    start = Ellipse.make(200, 150, 99, 66, 0.0)  # 10 % too large
+    row, w = targets(start, gt, (300, 400), CFG)
+    expect = (1 / 1.1 - (1 - CFG.span)) / (2 * CFG.span) * (CFG.n_radii - 1)
+    assert w.all() and np.allclose(row, expect, atol=1e-4)
+    cut = Ellipse.make(200, 40, 90, 60, 0.0)  # top of the head outside a 300-row image
+    _, w = targets(cut, cut, (300, 400), CFG)
+    assert 0 < w.sum() < CFG.n_angles
+    _, w = targets(start, Ellipse.make(200, 150, 180, 120, 0.0), (300, 400), CFG)  # twice as large: off-window
+    assert w.sum() == 0
+
+
+def test_unwrap_is_standardised_and_reads_the_ring_at_its_radius():
+    e = Ellipse.make(200, 150, 90, 60, 0.3)
+    p = unwrap(ring_image(e), e, CFG)
+    assert p.shape == (CFG.n_radii, CFG.n_angles) and abs(p.mean()) < 1e-4 and abs(p.std() - 1) < 1e-2
+    rows = np.argmax(p, 0)  # the bright band lies just inside s = 1
+    s = np.linspace(1 - CFG.span, 1 + CFG.span, CFG.n_radii)[rows]
+    assert np.median(s) == pytest.approx(0.965, abs=0.04)
+
+
+def test_flips_and_rotations_move_the_ellipse_with_the_image():
+    e = Ellipse.make(150, 110, 90, 60, 0.3)
+    img = ring_image(e)
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(24):
+        px, e2 = _orient(img, e, rng)
+        seen.add(px.shape)
+        p = unwrap(px, e2, CFG)
+        s = np.linspace(1 - CFG.span, 1 + CFG.span, CFG.n_radii)[np.argmax(p, 0)]
+        assert np.median(s) == pytest.approx(0.965, abs=0.04)
+    assert seen == {(300, 400), (400, 300)}
+
+
+def test_loss_is_lowest_at_the_target_row():
+    row = torch.full((1, CFG.n_angles), 20.0)
+    w = torch.ones(1, CFG.n_angles)
+    r = torch.arange(CFG.n_radii, dtype=torch.float32)[None, :, None].expand(1, -1, CFG.n_angles)
+    at = loss_fn(-(r - 20.0) ** 2, row, w)
+    off = loss_fn(-(r - 26.0) ** 2, row, w)
+    assert at < off
+    assert loss_fn(torch.zeros(1, CFG.n_radii, CFG.n_angles), row, torch.zeros_like(w)) == 0  # nothing to learn
+
+
+def _ring_samples(n=6):
+    out = []
+    for i in range(n):
+        e = Ellipse.make(200 + 5 * i, 150 - 3 * i, 80 + 4 * i, 60 + 2 * i, 0.2 * i)
+        out.append(RefineSample(ring_image(e, seed=i), e, 0.2, f"ring{i}"))
+    return out
+
+
+def test_training_learns_the_ring_and_resumes_from_its_state(tmp_path):
+    torch.manual_seed(0)
+    cfg = RefinerConfig(width=8)
+    tc = RefineTrainConfig(iters=120, batch_size=8, lr=5e-3, eval_every=60, ema=0.9)
+    train = _ring_samples()
+    val = [RefineSample(s.pixels, s.gt, s.pixel_mm, s.name, Ellipse.make(s.gt.cx + 4, s.gt.cy, s.gt.a * 1.08,
+                                                                          s.gt.b * 1.08, s.gt.angle)) for s in train]
+    stops = iter([False] * 60 + [True])  # interrupted after the first saved state
+    first = train_refiner(train, val, tmp_path, cfg, tc, progress=None, should_stop=lambda: next(stops))
+    assert [h["step"] for h in first["history"]] == [60] and (tmp_path / "refiner_last.pt").is_file()
+    res = train_refiner(train, val, tmp_path, cfg, tc, resume=True, progress=None)
+    h = res["history"]
+    assert [r["step"] for r in h] == [60, 120]
+    # the first stage is 8 % too large here; the refiner must find the ring
+    assert h[-1]["val_adf_mm"] < 0.5 * h[-1]["val_stage1_adf_mm"], h
+
+
+def test_checkpoint_carries_both_stages_and_the_pipeline_uses_them(tmp_path):
+    torch.manual_seed(0)
+    model = build_model()
+    model.fetalhc_refiner = Refiner(OutlineNet(RefinerConfig(width=8)))
+    path = save_checkpoint(tmp_path / "m.pt", model, half=True, data={"train_exams": ["1"], "val_exams": []},
+                           refiner_data={"train_exams": ["2"], "val_exams": ["3"]})
+    loaded, meta = load_model(path)
+    assert loaded.fetalhc_refiner is not None and meta["refiner_config"]["width"] == 8
+    e = Ellipse.make(200, 150, 90, 60, 0.3)
+    img = ring_image(e)
+    a, _ = refine_points(loaded.fetalhc_refiner, img, e)
+    b, _ = refine_points(model.fetalhc_refiner, img, e)
+    assert np.abs(a - b).max() < 0.05  # float16 storage
+    assert seen_exams(meta, ["1_HC.png", "2_HC.png", "3_HC.png", "4_HC.png"]) == {"1", "2", "3"}
+
+
+def test_refine_qc_flags_stage_disagreement_and_irregular_outlines():
+    e = Ellipse.make(200, 150, 90, 60, 0.3)
+    first = measure_points(e.points(64), None)
+    same = refine_qc(first, e.points(64), np.ones(64))
+    assert same["reasons"] == [] and abs(same["extra"]["stage_change"]) < 1e-3
+    big = Ellipse.make(200, 150, 90 * 1.3, 60 * 1.3, 0.3)
+    assert any("disagree" in r for r in refine_qc(first, big.points(64), np.ones(64))["reasons"])
+    noisy = e.points(64) * (1 + 0.15 * np.random.default_rng(0).standard_normal((64, 1)) * [[1, 0]]) + [[0, 0]]
+    assert any("irregular" in r for r in refine_qc(first, noisy, np.ones(64))["reasons"])
+    assert any("unclear" in r for r in refine_qc(first, e.points(64), np.full(64, 0.1))["reasons"])

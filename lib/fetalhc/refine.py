@@ -125,7 +125,7 @@ class Refiner:
     def outline(self, pixels: np.ndarray, e: Ellipse) -> tuple[np.ndarray, np.ndarray]:
         """Outline points (n_angles, 2) and each point's confidence (probability mass within 2 rows)."""
         x = torch.from_numpy(unwrap(pixels, e, self.cfg))[None, None]
-        prob = self.net(x)[0].softmax(0)  # (R, A)
+        prob = self.net(x.to(next(self.net.parameters()).device))[0].softmax(0).cpu()  # (R, A)
         s = (prob * self._s[:, None]).sum(0)
         idx = prob.argmax(0)
         rows = torch.arange(self.cfg.n_radii)[:, None]
@@ -162,11 +162,13 @@ def refine_points(refiner: Refiner, pixels: np.ndarray, start: Ellipse) -> tuple
     return pts, conf
 
 
-# QC of the two stages together. Chosen on the development exams' validation images (first stage not
-# trained on them), never on the protocol test set: models/protocol/README.md gives the procedure.
-MAX_STAGE_CHANGE = 0.15  # |HC refined / HC first stage - 1|: the stages disagree about the head
-MIN_OUTLINE_CONFIDENCE = 0.5  # median per-ray probability mass near the chosen radius
-MAX_OUTLINE_RESIDUAL = 0.05  # RMS radial misfit of the points to their ellipse, relative to its radius
+# QC of the two stages together. Each threshold is the 98th percentile (2nd for the confidence), rounded
+# outward, of its figure on the 133 development validation images of the protocol model (neither stage
+# trained on them; no protocol test image): benchmarks/qc_calibration.py. Those images hold no gross
+# error to aim at, so this is an outlier rule: flag what a good measurement rarely looks like.
+MAX_STAGE_CHANGE = 0.06  # |HC refined / HC first stage - 1|: the stages disagree about the head (p98 0.054)
+MIN_OUTLINE_CONFIDENCE = 0.59  # median per-ray probability mass near the chosen radius (p2 0.599)
+MAX_OUTLINE_RESIDUAL = 0.008  # RMS radial misfit of the points to their ellipse, relative to it (p98 0.0074)
 
 
 def radial_residual(e: Ellipse, pts: np.ndarray) -> np.ndarray:

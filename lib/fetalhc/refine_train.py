@@ -100,7 +100,7 @@ def make_batch(samples: list[RefineSample], rng: np.random.Generator, cfg: Refin
 
 def loss_fn(logits: torch.Tensor, row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against a Gaussian (sd 1 row) around the target row, plus the expected row's L1."""
-    r = torch.arange(logits.shape[1], dtype=torch.float32)[None, :, None]
+    r = torch.arange(logits.shape[1], dtype=torch.float32, device=logits.device)[None, :, None]
     target = torch.exp(-0.5 * (r - row[:, None]) ** 2)
     target = target / target.sum(1, keepdim=True)
     logp = logits.log_softmax(1)
@@ -127,7 +127,8 @@ def evaluate_refiner(refiner: Refiner, val: list[RefineSample]) -> dict:
 def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: str | Path,
                   cfg: RefinerConfig = RefinerConfig(), tc: RefineTrainConfig = RefineTrainConfig(), *,
                   init: Refiner | None = None, resume: bool = False,
-                  progress: Callable[[dict], None] | None = print, should_stop: Callable[[], bool] | None = None) -> dict:
+                  progress: Callable[[dict], None] | None = print, should_stop: Callable[[], bool] | None = None,
+                  device: str | None = None) -> dict:
     """Train; returns {'refiner', 'history', 'seconds'}. The last state is the result (no checkpoint
     choice on validation: the schedule is fixed in advance)."""
     out = Path(out_dir)
@@ -137,13 +138,15 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
     net = OutlineNet(cfg)
     if init is not None:
         net.load_state_dict(init.net.state_dict())
+    device = torch.device(device or "cpu")
+    net.to(device)
     ema = copy.deepcopy(net).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=tc.iters, pct_start=0.1)
     step, history, spent = 0, [], 0.0
     state_path = out / "refiner_last.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = torch.load(state_path, map_location=device, weights_only=False)
         if st["sched"]["total_steps"] != tc.iters:  # the one-cycle schedule is planned for its length
             raise ValueError(f"{state_path} was planned for {st['sched']['total_steps']} steps, not {tc.iters}: "
                              "resume with the same number of steps")
@@ -154,7 +157,7 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
     t0, running = time.time() - spent, []
     while step < tc.iters and not (should_stop and should_stop()):
         net.train()
-        x, row, w = make_batch(train, rng, cfg, tc)
+        x, row, w = (t.to(device) for t in make_batch(train, rng, cfg, tc))
         loss = loss_fn(net(x), row, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,7 +178,7 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
             os.replace(tmp, state_path)
             if progress:
                 progress(rec)
-    return {"refiner": Refiner(ema), "history": history, "seconds": time.time() - t0}
+    return {"refiner": Refiner(ema.cpu()), "history": history, "seconds": time.time() - t0}
 
 
 @torch.no_grad()
@@ -205,7 +208,7 @@ def refine_samples(samples, with_start_from=None) -> list[RefineSample]:
 def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, work_dir: str | Path, *,
                       cfg: RefinerConfig | None = None, tc: RefineTrainConfig = RefineTrainConfig(),
                       fine_tune: bool = True, resume: bool = False, progress=print, should_stop=None,
-                      data_summary: dict | None = None) -> dict:
+                      data_summary: dict | None = None, device: str | None = None) -> dict:
     """Train the second stage for the first-stage checkpoint ``ckpt_in`` on ``train`` (Samples) and write
     both stages to ``ckpt_out``. ``fine_tune`` starts from ``ckpt_in``'s refiner when it has one (and keeps
     its config). Validation (``val``) starts from the first stage's own ellipses."""
@@ -216,7 +219,7 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
     model.fetalhc_refiner = None  # validation starts from the first stage alone
     cfg = init.cfg if init is not None else (cfg or RefinerConfig())
     result = train_refiner(refine_samples(train), refine_samples(val, with_start_from=model), work_dir, cfg, tc,
-                           init=init, resume=resume, progress=progress, should_stop=should_stop)
+                           init=init, resume=resume, progress=progress, should_stop=should_stop, device=device)
     model.fetalhc_refiner = result["refiner"]
     meta = {k: v for k, v in blob.items() if k not in ("format", "config", "state_dict", "refiner",
                                                       "optimizer", "scheduler")}

@@ -103,7 +103,6 @@ class StatsWriter:
             "val_adf_mm": s.get("val_adf_mm"), "val_dice": s.get("val_dice"), "train_loss": s.get("train_loss"),
             "current_time": _clock(s["total_time"]), "current_time_s": round(s["total_time"], 1)})
 
-
     def refiner_step(self, r: dict):
         state = json.loads(self.path.read_text()) if self.path.is_file() else {**self.base}
         write_json(self.path, {**state, "status": "RUNNING", "stage": "refiner", "refiner_step": r["step"],
@@ -251,7 +250,7 @@ class FetalHeadTrain(TrainTask):
         tc = RefineTrainConfig(iters=opts["refiner_iters"], lr=opts["refiner_lr"], seed=opts["seed"],
                                eval_every=max(1, opts["refiner_iters"] // 4))
         refine_checkpoint(run_dir / "best.pt", run_dir / "best.pt", train, val, run_dir / "refiner", tc=tc,
-                          progress=writer.refiner_step,
+                          progress=writer.refiner_step, device=opts["device"],
                           data_summary={"source": "MONAI Label datastore final labels"})
 
     def _decide(self, run_dir: Path, val: list[Sample], policy: str, device: str, threshold: float) -> dict:

@@ -262,7 +262,8 @@ class Session:
               f"Orthanc on the kept storage: Orthanc {self.work / 'orthanc.json'})")
 
     def train(self) -> dict:
-        params = {"max_epochs": self.args.epochs, "train_batch_size": 2, "publish": "always", "augment": False}
+        params = {"max_epochs": self.args.epochs, "train_batch_size": 2, "publish": "always", "augment": False,
+                  "refiner_iters": self.args.refiner_iters}
         self.say(f"train '{MODEL}' (fine-tune the served model): {json.dumps(params)}; publish=always, so that "
                  "the demo serves the new model even after one epoch")
         self.admin.train_start(MODEL, params)
@@ -346,6 +347,8 @@ def main(argv=None) -> int:
     mode.add_argument("--folder", action="store_true", help="local folder datastore, no Orthanc")
     ap.add_argument("--model", default=str(default_model_path()), help="initial model (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default: %(default)s)")
+    ap.add_argument("--refiner-iters", type=int, default=50,
+                    help="second-stage fine-tuning steps (default: %(default)s, a demo; the server's default is 300)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (studies, logs, models)")
     ap.add_argument("--start-timeout", type=float, default=180, help="seconds for the server to start")
     ap.add_argument("--train-timeout", type=float, default=600, help="seconds for training to finish")

@@ -74,7 +74,7 @@ def test_info_infer_save_train_next_sample(server, tmp_path):
 
     published = server["root"] / "model" / "fetal_head.pt"
     before = published.read_bytes()
-    stats = _post(url, "/train/fetal_head?run_sync=true", {"max_epochs": 1, "train_batch_size": 2})
+    stats = _post(url, "/train/fetal_head?run_sync=true", {"max_epochs": 1, "train_batch_size": 2, "refiner_iters": 12})
     assert stats["epoch"] == stats["total_epochs"] == 1 and stats["total_time"] and "best_metric" in stats
     assert stats["train_images"] + stats["val_images"] == 4
     assert stats["published"] == (published.read_bytes() != before), stats["publish_reason"]

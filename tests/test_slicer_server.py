@@ -64,7 +64,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(SERVER_PYTHON.parent / "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies),
          "--conf", "models", "fetal_head", "--conf", "model_dir", str(root / "model"),
-         "--conf", "initial_model", str(MODEL), "--conf", "max_epochs", "1",
+         "--conf", "initial_model", str(MODEL), "--conf", "max_epochs", "1", "--conf", "refiner_iters", "12",
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

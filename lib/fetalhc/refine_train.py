@@ -131,6 +131,8 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
                   device: str | None = None) -> dict:
     """Train; returns {'refiner', 'history', 'seconds'}. The last state is the result (no checkpoint
     choice on validation: the schedule is fixed in advance)."""
+    if not train:
+        raise ValueError("no usable training outlines for the second stage")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
@@ -195,7 +197,10 @@ def refine_samples(samples, with_start_from=None) -> list[RefineSample]:
     from .pipeline import measure_image
     out = []
     for s in samples:
-        gt = fit_mask(s.mask)[0]
+        try:
+            gt = fit_mask(s.mask)[0]
+        except ValueError:  # an empty or degenerate label teaches the outline nothing
+            continue
         start = None
         if with_start_from is not None:
             start = measure_image(with_start_from, s.image, None).ellipse_px

@@ -159,6 +159,10 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
     t0, running = time.time() - spent, []
     while step < tc.iters and not (should_stop and should_stop()):
         net.train()
+        if init is not None:  # fine-tuning on a few labels: keep the learnt BatchNorm statistics
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
         x, row, w = (t.to(device) for t in make_batch(train, rng, cfg, tc))
         loss = loss_fn(net(x), row, w)
         opt.zero_grad(set_to_none=True)

@@ -35,7 +35,7 @@ class RefineSample:
 @dataclass
 class RefineTrainConfig:
     iters: int = 3000
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
     eval_every: int = 250

@@ -92,9 +92,10 @@ def test_cli_scores_a_model_trained_without_the_test_exams(tiny_run, samples_dir
     model, _ = load_model(tiny_run["best_path"])
     dev_exams = sorted({hc18.exam_of(n) for n in split.dev})
     clean = save_checkpoint(tmp_path / "clean.pt", model, data={"train_exams": dev_exams[:-1], "val_exams": dev_exams[-1:]})
-    code, out, err = run(samples_dir, "--model", clean)
+    code, out, err = run(samples_dir, "--model", clean, "--out", tmp_path / "report", "--worst", "1")
     assert code == 0, err
     assert "Protocol test set" in out and "NOT an accuracy estimate" not in out
+    assert len(list((tmp_path / "report" / "worst").glob("*.jpg"))) == min(1, len(split.test))
     leaky = save_checkpoint(tmp_path / "leaky.pt", model, data={"train_exams": dev_exams, "val_exams": [hc18.exam_of(split.test[0])]})
     code, out, err = run(samples_dir, "--model", leaky)
     assert code == 2 and f"1 of the {len(split.test)} protocol test images" in err

@@ -211,7 +211,28 @@ def _protocol(args) -> int:
             w.writerows(rows)
         (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
         (out / "protocol_table.md").write_text(table)
+        if args.worst:
+            _worst_overlays(measurer, args.hc18, rows, args.worst, out / "worst", args.score_threshold)
     return 0
+
+
+def _worst_overlays(measurer, root, rows: list[dict], n: int, folder: Path, threshold: float):
+    """Overlays (JPEG) of the ``n`` largest HC errors: the result in yellow, the ground truth in red."""
+    import cv2
+
+    from . import hc18
+    from .io import Spacing
+    from .overlay import render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = {r.name: r for r in hc18.read_records(root)}
+    for row in sorted(rows, key=lambda r: -r["adf_mm"])[:n]:
+        rec = recs[row["filename"]]
+        img = hc18.read_grey(rec.image)
+        m = measurer.measure(img, Spacing(rec.pixel_mm, rec.pixel_mm, "HC18 CSV"), score_threshold=threshold)
+        name = f"{rec.name}: true HC {row['hc_true_mm']:.1f} mm, error {row['df_mm']:+.1f} mm"
+        cv2.imwrite(str(folder / f"{Path(rec.name).stem}.jpg"), render(img, m, name, hc18.gt_ellipse(rec)),
+                    [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
 def _split(args) -> int:
@@ -332,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-seen", action="store_true",
                    help="evaluate a model that saw test images (the table says it is not an accuracy estimate)")
     r.add_argument("--score-threshold", type=float, default=0.5)
+    r.add_argument("--worst", type=int, default=0, metavar="N", help="also write overlays of the N largest errors "
+                                                                     "into OUT/worst/")
     r.add_argument("--device")
     r.add_argument("--threads", type=int, help="CPU threads for torch")
     r.set_defaults(func=_protocol)

@@ -179,7 +179,8 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
                 rec.update({f"val_{k}": v for k, v in evaluate_refiner(Refiner(ema), val).items()})
             history.append(rec)
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "step": step,
                         "history": history, "seconds": rec["seconds"], "config": asdict(cfg)}, tmp)
             os.replace(tmp, state_path)
             if progress:

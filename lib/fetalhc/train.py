@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .data import HeadDataset, Sample, collate, seed_everything
 from .engine import train_one_epoch, validate
-from .model import CHECKPOINT_FORMAT, attach_refiner, build_model, config_from_dict, read_checkpoint, save_checkpoint, with_overrides
+from .model import (CHECKPOINT_FORMAT, attach_refiner, build_model, config_from_dict, read_checkpoint,
+                    save_checkpoint, with_overrides)
 from .transforms import Augment
 
 

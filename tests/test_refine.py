@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fetalhc.data import Sample
-from fetalhc.geometry import Ellipse, ellipse_mask
+from fetalhc.geometry import Ellipse, ellipse_mask, fit_points, radial_residual
 from fetalhc.model import build_model, load_model, save_checkpoint
 from fetalhc.protocol import seen_exams
-from fetalhc.refine import (OutlineNet, Refiner, RefinerConfig, radial_residual, ray_crossings, ray_points,
+from fetalhc.refine import (OutlineNet, Refiner, RefinerConfig, ray_crossings, ray_points,
                             refine_points, refine_qc, unwrap)
 from fetalhc.refine_train import RefineSample, RefineTrainConfig, _orient, loss_fn, targets, train_refiner
 from fetalhc.result import measure_points
@@ -127,12 +127,15 @@ def test_checkpoint_carries_both_stages_and_the_pipeline_uses_them(tmp_path):
 
 
 def test_refine_qc_flags_stage_disagreement_and_irregular_outlines():
+    def qc(first, pts, conf):
+        return refine_qc(first, fit_points(pts), pts, conf)
+
     e = Ellipse.make(200, 150, 90, 60, 0.3)
     first = measure_points(e.points(64), None)
-    same = refine_qc(first, e.points(64), np.ones(64))
+    same = qc(first, e.points(64), np.ones(64))
     assert same["reasons"] == [] and abs(same["extra"]["stage_change"]) < 1e-3
     big = Ellipse.make(200, 150, 90 * 1.3, 60 * 1.3, 0.3)
-    assert any("disagree" in r for r in refine_qc(first, big.points(64), np.ones(64))["reasons"])
+    assert any("disagree" in r for r in qc(first, big.points(64), np.ones(64))["reasons"])
     noisy = e.points(64) * (1 + 0.15 * np.random.default_rng(0).standard_normal((64, 1)) * [[1, 0]]) + [[0, 0]]
-    assert any("irregular" in r for r in refine_qc(first, noisy, np.ones(64))["reasons"])
-    assert any("unclear" in r for r in refine_qc(first, e.points(64), np.full(64, 0.1))["reasons"])
+    assert any("irregular" in r for r in qc(first, noisy, np.ones(64))["reasons"])
+    assert any("unclear" in r for r in qc(first, e.points(64), np.full(64, 0.1))["reasons"])

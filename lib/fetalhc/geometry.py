@@ -266,6 +266,12 @@ def ellipse_agreement(mask: np.ndarray, e: Ellipse) -> float:
     return dice(mask, ellipse_mask(e, mask.shape))
 
 
+def radial_residual(e: Ellipse, pts: np.ndarray) -> np.ndarray:
+    """Relative radial distance of each (x, y) point from ellipse ``e`` (0 on it, 0.1 = 10 % outside)."""
+    u = (np.asarray(pts, float) - [e.cx, e.cy]) @ np.linalg.inv(e.matrix()).T
+    return np.hypot(u[:, 0], u[:, 1]) - 1.0
+
+
 def touches_border(e: Ellipse, shape: tuple[int, int], margin: float = 0.5) -> bool:
     """True when the pixel ellipse leaves the image, i.e. part of the head is cut off."""
     x0, y0, x1, y1 = e.bounding_box()

@@ -21,6 +21,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .refine import Refiner
+
 CHECKPOINT_FORMAT = "fetalhc-maskrcnn/1"
 
 
@@ -253,7 +255,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def attach_refiner(model: MaskRCNN, blob: dict) -> None:
     """Give ``model`` the checkpoint's second stage (``model.fetalhc_refiner``; None when it has none)."""
-    from .refine import Refiner  # refine imports nothing from here; kept local so model.py stays first-stage
     try:
         model.fetalhc_refiner = Refiner.from_blob(blob["refiner"]) if blob.get("refiner") else None
     except (KeyError, TypeError, RuntimeError) as exc:

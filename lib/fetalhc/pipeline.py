@@ -86,10 +86,10 @@ def _refined(refiner, pixels: np.ndarray, spacing: Spacing | None, first: Result
     """The second stage's outline from the first stage's ellipse, with the QC of both stages; the mask
     returned is the refined ellipse, so that re-measuring it (Slicer, a saved label) gives the same HC."""
     pts, conf = refine_points(refiner, pixels, first.ellipse_px)
-    stage_qc = refine_qc(first, pts, conf)
     res = measure_points(pts, spacing, image_shape=pixels.shape,
-                         qc_reasons=reasons + agreement_reasons(first.extra["mask_ellipse_dice"]) + stage_qc["reasons"],
-                         **kw)
+                         qc_reasons=reasons + agreement_reasons(first.extra["mask_ellipse_dice"]), **kw)
+    stage_qc = refine_qc(first, res.ellipse_px, pts, conf)
+    res.qc_reasons += stage_qc["reasons"]  # _finish sets qc_ok from the reasons
     res.extra.update(mask_ellipse_dice=first.extra["mask_ellipse_dice"], **stage_qc["extra"])
     return res, ellipse_mask(res.ellipse_px, pixels.shape)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .geometry import Ellipse, fit_points
+from .geometry import Ellipse, fit_points, radial_residual
 
 
 @dataclass(frozen=True)
@@ -58,17 +58,26 @@ def unwrap(pixels: np.ndarray, e: Ellipse, cfg: RefinerConfig) -> np.ndarray:
     return ((p - p.mean()) / (p.std() + 1e-3)).astype(np.float32)
 
 
+def ray_directions(e: Ellipse, cfg: RefinerConfig) -> np.ndarray:
+    """(n_angles, 2): from ``e``'s centre to its point at each column's parametric angle."""
+    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
+    return np.stack([np.cos(t), np.sin(t)], 1) @ e.matrix().T
+
+
 def ray_points(e: Ellipse, s: np.ndarray, cfg: RefinerConfig) -> np.ndarray:
     """(x, y) of radial fraction ``s[k]`` on ray ``k`` (the column centres)."""
-    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
-    d = np.stack([np.cos(t), np.sin(t)], 1) @ e.matrix().T
-    return np.array([e.cx, e.cy]) + np.asarray(s, float)[:, None] * d
+    return np.array([e.cx, e.cy]) + np.asarray(s, float)[:, None] * ray_directions(e, cfg)
+
+
+def inside_image(pts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    with np.errstate(invalid="ignore"):  # NaN points are outside
+        return (pts[:, 0] >= 0) & (pts[:, 1] >= 0) & (pts[:, 0] <= w - 1) & (pts[:, 1] <= h - 1)
 
 
 def ray_crossings(e: Ellipse, target: Ellipse, cfg: RefinerConfig) -> np.ndarray:
     """Radial fraction where each ray of ``e`` leaves ``target`` (NaN where its centre is outside it)."""
-    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
-    d = np.stack([np.cos(t), np.sin(t)], 1) @ e.matrix().T
+    d = ray_directions(e, cfg)
     inv = np.linalg.inv(target.matrix())
     p = inv @ np.array([e.cx - target.cx, e.cy - target.cy])
     q = d @ inv.T
@@ -152,10 +161,10 @@ class Refiner:
 def refine_points(refiner: Refiner, pixels: np.ndarray, start: Ellipse) -> tuple[np.ndarray, np.ndarray]:
     """Outline points inside the image and their confidences, after ``cfg.passes`` passes from ``start``
     (each pass re-centres the polar unwrapping on the previous pass's ellipse)."""
-    e, h, w = start, *pixels.shape
+    e = start
     for k in range(refiner.cfg.passes):
         pts, conf = refiner.outline(pixels, e)
-        inside = (pts[:, 0] >= 0) & (pts[:, 1] >= 0) & (pts[:, 0] <= w - 1) & (pts[:, 1] <= h - 1)
+        inside = inside_image(pts, pixels.shape)
         if inside.sum() >= 8:  # a head cut by the border: fit the visible part only
             pts, conf = pts[inside], conf[inside]
         if k + 1 < refiner.cfg.passes:
@@ -172,15 +181,8 @@ MIN_OUTLINE_CONFIDENCE = 0.59  # median per-ray probability mass near the chosen
 MAX_OUTLINE_RESIDUAL = 0.008  # RMS radial misfit of the points to their ellipse, relative to it (p98 0.0074)
 
 
-def radial_residual(e: Ellipse, pts: np.ndarray) -> np.ndarray:
-    """Relative radial distance of each point from ellipse ``e`` (0 on it, 0.1 = 10 % outside)."""
-    u = (np.asarray(pts, float) - [e.cx, e.cy]) @ np.linalg.inv(e.matrix()).T
-    return np.hypot(u[:, 0], u[:, 1]) - 1.0
-
-
-def refine_qc(first, pts: np.ndarray, conf: np.ndarray) -> dict:
-    """QC reasons and figures for a refined outline ``pts`` of a first-stage result ``first``."""
-    e = fit_points(pts)
+def refine_qc(first, e: Ellipse, pts: np.ndarray, conf: np.ndarray) -> dict:
+    """QC reasons and figures for a refined outline ``pts`` (fitted by ``e``) of a first-stage result ``first``."""
     change = e.perimeter / first.hc_px - 1.0
     confidence = float(np.median(conf))
     residual = float(np.sqrt(np.mean(radial_residual(e, pts) ** 2)))

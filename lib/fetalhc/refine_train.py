@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .geometry import Ellipse, fit_mask, fit_points
-from .refine import OutlineNet, Refiner, RefinerConfig, ray_crossings, refine_points, unwrap
+from .refine import (OutlineNet, Refiner, RefinerConfig, inside_image, ray_crossings, ray_points, refine_points,
+                     unwrap)
 
 
 @dataclass
@@ -60,11 +61,8 @@ def targets(start: Ellipse, gt: Ellipse, shape: tuple[int, int], cfg: RefinerCon
     s = ray_crossings(start, gt, cfg)
     lo, hi = 1 - cfg.span, 1 + cfg.span
     row = (s - lo) / (hi - lo) * (cfg.n_radii - 1)
-    t = 2 * math.pi * np.arange(cfg.n_angles) / cfg.n_angles
-    d = np.stack([np.cos(t), np.sin(t)], 1) @ start.matrix().T
     with np.errstate(invalid="ignore"):
-        x, y = start.cx + s * d[:, 0], start.cy + s * d[:, 1]
-        ok = np.isfinite(s) & (s >= lo) & (s <= hi) & (x >= 0) & (y >= 0) & (x <= shape[1] - 1) & (y <= shape[0] - 1)
+        ok = np.isfinite(s) & (s >= lo) & (s <= hi) & inside_image(ray_points(start, s, cfg), shape)
     return np.where(ok, row, 0.0).astype(np.float32), ok.astype(np.float32)
 
 

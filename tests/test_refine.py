@@ -110,6 +110,18 @@ def test_training_learns_the_ring_and_resumes_from_its_state(tmp_path):
     assert h[-1]["val_adf_mm"] < 0.5 * h[-1]["val_stage1_adf_mm"], h
 
 
+def test_mirror_averaging_makes_the_reading_mirror_symmetric():
+    torch.manual_seed(0)
+    net = OutlineNet(RefinerConfig(width=8))
+    x = torch.from_numpy(unwrap(ring_image(Ellipse.make(200, 150, 90, 60, 0.3), seed=3),
+                                Ellipse.make(205, 148, 95, 57, 0.35), net.cfg))
+    plain, averaged = Refiner(net), Refiner(net)
+    averaged.cfg = RefinerConfig(width=8, flip_average=True)
+    assert not torch.allclose(plain.read(x.flip(-1)), plain.read(x).flip(-1), atol=1e-4)  # untrained: asymmetric
+    assert torch.allclose(averaged.read(x.flip(-1)), averaged.read(x).flip(-1), atol=1e-6)
+    assert torch.allclose(averaged.read(x).sum(0), torch.ones(net.cfg.n_angles), atol=1e-5)
+
+
 def test_checkpoint_carries_both_stages_and_the_pipeline_uses_them(tmp_path):
     torch.manual_seed(0)
     model = build_model()

@@ -136,7 +136,8 @@ def _train_refiner(args) -> int:
     print(f"second stage: {len(train)} training / {len(val)} validation images", file=sys.stderr)
     tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
-                            cfg=RefinerConfig(passes=args.passes), tc=tc, fine_tune=not args.from_scratch,
+                            cfg=RefinerConfig(passes=args.passes, **({"span": args.span} if args.span else {})), tc=tc,
+                            fine_tune=not args.from_scratch,
                             resume=args.resume,
                             progress=lambda r: print(_refine_line(r, args.iters), flush=True),
                             data_summary={"source": f"HC18 {Path(args.hc18).name}", "protocol": args.protocol})
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=2e-3)
     f.add_argument("--passes", type=int, default=2, help="refinement passes at inference (2: chosen on "
                                                          "development images; a fine-tune keeps the checkpoint's)")
+    f.add_argument("--span", type=float, help="radial search window: the first-stage radius x "
+                                              "[1 - span, 1 + span] (default: fetalhc.refine.RefinerConfig's)")
     f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
     f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
     f.add_argument("--threads", type=int, help="CPU threads for torch")

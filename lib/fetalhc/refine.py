@@ -27,10 +27,11 @@ from .geometry import Ellipse, fit_points, radial_residual
 class RefinerConfig:
     n_angles: int = 64
     n_radii: int = 64
-    span: float = 0.3  # radial window: the first-stage radius x [1 - span, 1 + span]
+    span: float = 0.45  # radial window: the first-stage radius x [1 - span, 1 + span] (0.45 beat 0.3 on development images)
     supersample: tuple = (2, 3)  # (radial, angular) samples averaged per polar cell: less speckle
     width: int = 16  # channels of the first level; doubled per level
     passes: int = 2  # unwrap again around the refined ellipse (2 beat 1 and 3 on development images)
+    flip_average: bool = False  # also read the polar image mirrored along the angle, average the two
 
 
 def fractions(cfg: RefinerConfig) -> np.ndarray:
@@ -134,13 +135,21 @@ class Refiner:
     @torch.no_grad()
     def outline(self, pixels: np.ndarray, e: Ellipse) -> tuple[np.ndarray, np.ndarray]:
         """Outline points (n_angles, 2) and each point's confidence (probability mass within 2 rows)."""
-        x = torch.from_numpy(unwrap(pixels, e, self.cfg))[None, None]
-        prob = self.net(x.to(next(self.net.parameters()).device))[0].softmax(0).cpu()  # (R, A)
+        prob = self.read(torch.from_numpy(unwrap(pixels, e, self.cfg)))
         s = (prob * self._s[:, None]).sum(0)
         idx = prob.argmax(0)
         rows = torch.arange(self.cfg.n_radii)[:, None]
         conf = (prob * ((rows - idx[None]).abs() <= 2)).sum(0)
         return ray_points(e, s.numpy(), self.cfg), conf.numpy()
+
+    @torch.no_grad()
+    def read(self, polar: torch.Tensor) -> torch.Tensor:
+        """Per-column distribution over rows (R, A) of a polar image (R, A)."""
+        x = polar[None, None]
+        if self.cfg.flip_average:  # the mirror image of the head, read and mirrored back: a second opinion
+            x = torch.cat([x, x.flip(-1)])
+        prob = self.net(x.to(next(self.net.parameters()).device)).softmax(1).cpu()  # (B, R, A)
+        return (prob[0] + prob[1].flip(-1)) / 2 if self.cfg.flip_average else prob[0]
 
     def to_blob(self, half: bool = False) -> dict:
         state = {k: v.half() if half and v.is_floating_point() else v for k, v in self.net.state_dict().items()}

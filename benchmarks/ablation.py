@@ -5,8 +5,9 @@
 ``CKPT`` is a two-stage checkpoint trained under the protocol (``fetalhc train --protocol`` then
 ``fetalhc train-refiner --protocol``). The steps are fixed in advance, and every setting in them was
 chosen on development images; this script only reports them on the test set (it refuses a model that
-saw any test exam). Rows: the first stage alone; with the second stage, one pass; with two passes
-(the shipped setting). Latency is the pipeline's own (image in memory -> HC) on ``--threads`` threads.
+saw any test exam). Rows: the first stage alone; with the second stage, one pass, then each further pass
+up to the checkpoint's own setting (the shipped one). Latency is the pipeline's own (image in memory -> HC)
+on ``--threads`` threads.
 Data: HC18, van den Heuvel et al., PLoS ONE 2018, doi:10.5281/zenodo.1322001 (CC BY 4.0).
 """
 from __future__ import annotations
@@ -57,9 +58,10 @@ def main() -> int:
     if refiner is None:
         print(f"{args.model} has no second stage", file=sys.stderr)
         return 2
+    shipped = refiner.cfg.passes
     steps = [("stage 1: Mask R-CNN + ellipse fit (exact mask paste)", None),
-             ("+ stage 2: polar outline refiner, 1 pass", 1),
-             ("+ stage 2, 2 passes (shipped)", 2)]
+             ("+ stage 2: polar outline refiner, 1 pass" + (" (shipped)" if shipped == 1 else ""), 1)]
+    steps += [(f"+ stage 2, {p} passes" + (" (shipped)" if p == shipped else ""), p) for p in range(2, shipped + 1)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| step | ADF mean ± sd (mm) | median | p95 | worst | DF mean | Dice (%) | HD (mm) | > 8 mm (QC passed) "

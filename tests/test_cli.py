@@ -112,20 +112,23 @@ def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samp
     out = tmp_path / "two_stage.pt"
     base = ["train-refiner", "--hc18", samples_dir, "--model", tiny_run["best_path"], "--out", out,
             "--batch-size", "4", "--threads", "1"]
-    code, text, err = run(*base, "--iters", "4")
+    code, text, err = run(*base, "--iters", "4", "--span", "0.4")
     assert code == 0, err
     assert "step 4/4" in text and "both stages ->" in text
     model, meta = load_model(out)
-    assert model.fetalhc_refiner is not None and meta["refiner_config"]["passes"] == 2
+    assert model.fetalhc_refiner is not None and meta["refiner_config"]["passes"] == 3  # the default
+    assert meta["refiner_config"]["span"] == 0.4
     first = read_checkpoint(tiny_run["best_path"])["data"]
     assert meta["refiner_data"]["train_exams"] == first["train_exams"]  # the first stage's own split
     names = [r.name for r in hc18.read_records(samples_dir)]
     assert seen_exams(meta, names) >= set(first["train_exams"])
-    code, text, err = run(*base, "--iters", "4", "--resume")  # its saved state is complete: nothing to redo
+    code, text, err = run(*base, "--iters", "4", "--span", "0.4", "--resume")  # complete: nothing to redo
     assert code == 0, err
     assert "step" not in text and "both stages ->" in text
     code, text, err = run(*base, "--iters", "8", "--resume")
     assert code == 2 and "resume with the same number of steps" in err
+    code, text, err = run(*base, "--iters", "4", "--resume")  # another window than the saved state's
+    assert code == 2 and "resume with the same settings" in err
     code, text, err = run(*base[:4], out, "--out", tmp_path / "tuned.pt", "--iters", "2", "--batch-size", "2")
     assert code == 0, err
     assert read_checkpoint(tmp_path / "tuned.pt")["refiner_data"]["init_data"]["train_images"] == 4
@@ -141,6 +144,9 @@ def test_export_model_halves_and_drops_optimizer(tiny_run, tmp_path):
     assert (tmp_path / "small.pt").stat().st_size < 0.6 * open(tiny_run["last_path"], "rb").seek(0, 2)
     model, meta = load_model(tmp_path / "small.pt")
     assert meta["history"] and meta["source"].startswith("last-")
+    code, out, err = run("export-model", tmp_path / "small.pt", tmp_path / "again.pt")  # an exported file
+    assert code == 0, err
+    assert load_model(tmp_path / "again.pt")[1]["source"].startswith("small-")
 
 
 def test_train_under_torchrun_ddp_on_cpu(samples_dir, tmp_path):

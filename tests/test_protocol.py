@@ -74,6 +74,8 @@ def run(*args):
 def test_cli_refuses_a_model_that_saw_the_test_images(default_model, samples_dir, tmp_path):
     code, out, err = run(samples_dir, "--model", default_model)
     assert code == 2 and "not be an accuracy estimate" in err and "Traceback" not in err
+    code, out, err = run(samples_dir, "--model", default_model, "--worst", "3")  # nowhere to write them
+    assert code == 2 and "give --out" in err and "Traceback" not in err
     code, out, err = run(samples_dir, "--model", default_model, "--allow-seen", "--out", tmp_path,
                          "--split-out", tmp_path / "split.json")
     assert code == 0, err

@@ -178,6 +178,8 @@ def _protocol(args) -> int:
     from .pipeline import Measurer
     from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, seen_test_images
 
+    if args.worst and not args.out:
+        raise ValueError("--worst N writes its overlays into OUT/worst/: give --out OUT")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
     split = protocol_split(names)
@@ -267,7 +269,8 @@ def _export_model(args) -> int:
     from .model import load_model, model_version, save_checkpoint
 
     model, meta = load_model(args.checkpoint)
-    keep = {k: v for k, v in meta.items() if k not in ("optimizer", "scheduler", "path", "version", "format", "config")}
+    keep = {k: v for k, v in meta.items() if k not in ("optimizer", "scheduler", "path", "version", "format", "config",
+                                                          "source")}  # source: the file exported now
     out = save_checkpoint(args.out, model, half=not args.float32, source=model_version(args.checkpoint), **keep)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'float32' if args.float32 else 'float16'} weights)")
     return 0
@@ -329,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--iters", type=int, default=3000)
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--lr", type=float, default=2e-3)
-    f.add_argument("--passes", type=int, default=2, help="refinement passes at inference (2: chosen on "
+    f.add_argument("--passes", type=int, default=3, help="refinement passes at inference (3: chosen on "
                                                          "development images; a fine-tune keeps the checkpoint's)")
     f.add_argument("--span", type=float, help="radial search window: the first-stage radius x "
                                               "[1 - span, 1 + span] (default: fetalhc.refine.RefinerConfig's)")

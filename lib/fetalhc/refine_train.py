@@ -150,6 +150,9 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
         if st["sched"]["total_steps"] != tc.iters:  # the one-cycle schedule is planned for its length
             raise ValueError(f"{state_path} was planned for {st['sched']['total_steps']} steps, not {tc.iters}: "
                              "resume with the same number of steps")
+        if st.get("config", asdict(cfg)) != asdict(cfg):
+            raise ValueError(f"{state_path} was trained with refiner settings {st['config']}, not {asdict(cfg)}: "
+                             "resume with the same settings")
         net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
         ema.load_state_dict(st["ema"])
         step, history, spent = st["step"], st["history"], st["seconds"]
@@ -173,6 +176,8 @@ def train_refiner(train: list[RefineSample], val: list[RefineSample], out_dir: s
         if step % tc.eval_every == 0 or step == tc.iters:
             rec = {"step": step, "loss": float(np.mean(running)), "seconds": time.time() - t0}
             running = []
+            if init is None:  # fine-tuning keeps the learnt statistics (see above)
+                _recalibrate_bn(ema, train, cfg, tc, device)
             if val:
                 rec.update({f"val_{k}": v for k, v in evaluate_refiner(Refiner(ema), val).items()})
             history.append(rec)
@@ -192,6 +197,24 @@ def _update_ema(ema: OutlineNet, net: OutlineNet, decay: float):
         pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
     for be, b in zip(ema.buffers(), net.buffers()):  # BatchNorm statistics: the current ones
         be.copy_(b)
+
+
+@torch.no_grad()
+def _recalibrate_bn(net: OutlineNet, samples: list[RefineSample], cfg: RefinerConfig, tc: RefineTrainConfig,
+                    device, batches: int = 16):
+    """BatchNorm statistics of the averaged weights themselves: the live network's, copied each step, do
+    not match them, which shifts the outline in or out between evaluations."""
+    rng = np.random.default_rng([tc.seed, 1])  # the same batches every time
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    net.train()
+    for _ in range(batches):
+        net(make_batch(samples, rng, cfg, tc)[0].to(device))
+    for m in bns:
+        m.momentum = 0.1
+    net.eval()
 
 
 def refine_samples(samples, with_start_from=None) -> list[RefineSample]:

@@ -1,7 +1,8 @@
 """Second stage: the skull outline at native resolution, one radius per angle in a polar unwrapping.
 
 Mask R-CNN's mask is 28 x 28 cells however large the head: for a 300 mm head one cell is 3.4 mm across
-(~11 mm of HC), against 0.95 % of the radius (0.45 mm) for one row of the polar unwrapping here.
+(~11 mm of HC), against 1.4 % of the radius (0.68 mm) for one row of the polar unwrapping here, and
+the expected row of a column falls between rows.
 The refiner unwraps the full-resolution image around the first-stage ellipse ``e``: column ``k`` is the
 ray from ``e``'s centre through ``e``'s point at parametric angle ``t_k``, row ``j`` the radial fraction
 ``s_j`` in [1 - span, 1 + span] of that point's distance. A small U-Net (circular along the angle)

@@ -129,6 +129,8 @@ def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samp
     assert code == 2 and "resume with the same number of steps" in err
     code, text, err = run(*base, "--iters", "4", "--resume")  # another window than the saved state's
     assert code == 2 and "resume with the same settings" in err
+    code, text, err = run(*base, "--iters", "4", "--span", "1.2")
+    assert code == 2 and "needs 0 < span < 1" in err and "Traceback" not in err
     code, text, err = run(*base[:4], out, "--out", tmp_path / "tuned.pt", "--iters", "2", "--batch-size", "2")
     assert code == 0, err
     assert read_checkpoint(tmp_path / "tuned.pt")["refiner_data"]["init_data"]["train_images"] == 4

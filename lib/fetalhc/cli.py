@@ -136,7 +136,8 @@ def _train_refiner(args) -> int:
     print(f"second stage: {len(train)} training / {len(val)} validation images", file=sys.stderr)
     tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
-                            cfg=RefinerConfig(passes=args.passes, **({"span": args.span} if args.span else {})), tc=tc,
+                            cfg=RefinerConfig(passes=args.passes,
+                                              **({} if args.span is None else {"span": args.span})), tc=tc,
                             fine_tune=not args.from_scratch,
                             resume=args.resume,
                             progress=lambda r: print(_refine_line(r, args.iters), flush=True),

@@ -28,11 +28,16 @@ from .geometry import Ellipse, fit_points, radial_residual
 class RefinerConfig:
     n_angles: int = 64
     n_radii: int = 64
-    span: float = 0.45  # radial window: the first-stage radius x [1 - span, 1 + span] (0.45 beat 0.3 on development images)
+    span: float = 0.45  # radial window: the first-stage radius x [1 - span, 1 + span] (0.45 beat 0.3, development)
     supersample: tuple = (2, 3)  # (radial, angular) samples averaged per polar cell: less speckle
     width: int = 16  # channels of the first level; doubled per level
     passes: int = 3  # unwrap again around the refined ellipse (3 beat 1 and 2: benchmarks/refiner_settings.py)
     flip_average: bool = False  # also read the polar image mirrored along the angle (no gain on development images)
+
+    def __post_init__(self):
+        if not 0 < self.span < 1 or self.passes < 1 or self.n_radii < 2 or self.n_angles < 8:
+            raise ValueError(f"refiner settings out of range: span {self.span} (needs 0 < span < 1), passes "
+                             f"{self.passes} (>= 1), {self.n_radii} radii (>= 2), {self.n_angles} angles (>= 8)")
 
 
 def fractions(cfg: RefinerConfig) -> np.ndarray:

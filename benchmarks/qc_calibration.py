@@ -23,7 +23,7 @@ import torch
 from fetalhc import hc18
 from fetalhc.io import Spacing
 from fetalhc.pipeline import Measurer
-from fetalhc.protocol import protocol_split
+from fetalhc.protocol import refiner_validation_images
 from fetalhc.refine import MAX_OUTLINE_RESIDUAL, MAX_STAGE_CHANGE, MIN_OUTLINE_CONFIDENCE
 
 
@@ -37,13 +37,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     m = Measurer(args.model, "cpu")
     recs = [r for r in hc18.read_records(args.hc18) if r.annotation is not None]
-    test = set(protocol_split([r.name for r in recs]).test)
-    val_exams = set((m.meta.get("refiner_data") or {}).get("val_exams") or [])
-    chosen = [r for r in recs if hc18.exam_of(r.name) in val_exams and r.name not in test]
-    if not chosen:
-        print("the checkpoint lists no validation exams (train it with `fetalhc train-refiner --protocol`)",
-              file=sys.stderr)
+    try:
+        keep = set(refiner_validation_images(m.meta, [r.name for r in recs]))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 2
+    chosen = [r for r in recs if r.name in keep]
     rows = []
     for r in chosen:
         out = m.measure(hc18.read_grey(r.image), Spacing(r.pixel_mm, r.pixel_mm, "HC18 CSV"))

@@ -22,7 +22,7 @@ import torch
 
 from fetalhc import hc18
 from fetalhc.pipeline import Measurer
-from fetalhc.protocol import measure_test_set, protocol_split, protocol_summary
+from fetalhc.protocol import measure_test_set, protocol_summary, refiner_validation_images
 
 
 def main() -> int:
@@ -40,12 +40,10 @@ def main() -> int:
         print(f"{args.model} has no second stage", file=sys.stderr)
         return 2
     names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
-    test = set(protocol_split(names).test)
-    val_exams = set((m.meta.get("refiner_data") or {}).get("val_exams") or [])
-    chosen = [n for n in names if hc18.exam_of(n) in val_exams and n not in test]
-    if not chosen:
-        print("the checkpoint lists no validation exams (train it with `fetalhc train-refiner --protocol`)",
-              file=sys.stderr)
+    try:
+        chosen = refiner_validation_images(m.meta, names)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 2
     base = refiner.cfg
     results = []

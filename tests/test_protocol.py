@@ -8,7 +8,7 @@ import pytest
 
 from fetalhc import hc18
 from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, protocol_split, protocol_summary,
-                              seen_exams, seen_test_images)
+                              refiner_validation_images, seen_exams, seen_test_images)
 
 NAMES = [f"{e:03d}_{k}HC.png" for e in range(1, 101) for k in ("", "2")[: 1 + e % 2]]
 
@@ -101,3 +101,14 @@ def test_cli_scores_a_model_trained_without_the_test_exams(tiny_run, samples_dir
     leaky = save_checkpoint(tmp_path / "leaky.pt", model, data={"train_exams": dev_exams, "val_exams": [hc18.exam_of(split.test[0])]})
     code, out, err = run(samples_dir, "--model", leaky)
     assert code == 2 and f"1 of the {len(split.test)} protocol test images" in err
+
+
+def test_refiner_validation_images_are_the_second_stages_exams_never_test_images():
+    names = [f"{i:03d}_HC.png" for i in range(200)]
+    split = protocol_split(names)
+    val = [hc18.exam_of(n) for n in split.dev[:5]]
+    leaked = hc18.exam_of(split.test[0])  # a record that (wrongly) lists a test exam: still never returned
+    chosen = refiner_validation_images({"refiner_data": {"val_exams": val + [leaked]}}, names)
+    assert chosen == [n for n in names if hc18.exam_of(n) in set(val)] and split.test[0] not in chosen
+    with pytest.raises(ValueError, match="no validation exams"):
+        refiner_validation_images({"data": {"val_exams": val}}, names)  # a first-stage record only

@@ -88,6 +88,17 @@ def seen_test_images(meta: dict, split: ProtocolSplit) -> list[str] | None:
     return None if seen is None else [n for n in split.test if hc18.exam_of(n) in seen]
 
 
+def refiner_validation_images(meta: dict, names: list[str]) -> list[str]:
+    """The development images a two-stage checkpoint validated its second stage on (where its settings and
+    QC thresholds are chosen); never a protocol test image. Raises when the checkpoint lists none."""
+    val_exams = set((meta.get("refiner_data") or {}).get("val_exams") or [])
+    test = set(protocol_split(names).test)
+    chosen = [n for n in names if hc18.exam_of(n) in val_exams and n not in test]
+    if not chosen:
+        raise ValueError("the checkpoint lists no validation exams (train it with `fetalhc train-refiner --protocol`)")
+    return chosen
+
+
 def measure_test_set(measurer, root: str | Path, names: list[str], score_threshold: float = 0.5,
                      progress=None) -> list[dict]:
     """Per-image metrics and QC of the pipeline (``Measurer.measure``) against HC18 ground truth."""

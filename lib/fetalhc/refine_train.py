@@ -206,14 +206,15 @@ def _recalibrate_bn(net: OutlineNet, samples: list[RefineSample], cfg: RefinerCo
     not match them, which shifts the outline in or out between evaluations."""
     rng = np.random.default_rng([tc.seed, 1])  # the same batches every time
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches
     net.train()
     for _ in range(batches):
         net(make_batch(samples, rng, cfg, tc)[0].to(device))
-    for m in bns:
-        m.momentum = 0.1
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
     net.eval()
 
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/latency.py [--threads 2] [--repeats 5] [--model CKPT] [--configs ...]
 
 Each config runs in its own process so that peak RSS is its own. Untrained configs time the same
-computation as trained ones except for the number of detections, which is capped at 5 per image.
+computation as trained ones (random weights keep up to ``fetalhc.model.CANDIDATES`` detections too).
 """
 from __future__ import annotations
 

@@ -103,6 +103,14 @@ def test_train_command_smoke(samples_dir, tmp_path):
     assert code == 0, err
     assert (tmp_path / "best.pt").exists() and (tmp_path / "history.csv").exists()
     assert "best validation ADF" in out
+    code, out, err = run("train", "--hc18", samples_dir, "--out", tmp_path / "os", "--epochs", "1", "--limit", "4",
+                         "--batch-size", "2", "--input-size", "128", "--no-augment", "--oversample-small", "3")
+    assert code == 0, err
+    from fetalhc.model import read_checkpoint
+    assert read_checkpoint(tmp_path / "os" / "best.pt")["train_config"]["oversample_small"] == 3.0
+    code, out, err = run("train", "--hc18", samples_dir, "--out", tmp_path / "bad", "--epochs", "1",
+                         "--oversample-small", "0.5")
+    assert code == 2 and "oversample_small 0.5" in err and "Traceback" not in err
 
 
 def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samples_dir, tmp_path):
@@ -131,6 +139,18 @@ def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samp
     assert code == 2 and "resume with the same settings" in err
     code, text, err = run(*base, "--iters", "4", "--span", "1.2")
     assert code == 2 and "needs 0 < span < 1" in err and "Traceback" not in err
+    code, text, err = run(*base, "--iters", "4", "--wide-fraction", "1.5")
+    assert code == 2 and "wide_fraction 1.5" in err and "Traceback" not in err
+    code, text, err = run(*base, "--iters", "2", "--wide-fraction", "0.5", "--oversample-small", "2",
+                          "--out", tmp_path / "wide.pt")
+    assert code == 0, err
+    tc = read_checkpoint(tmp_path / "wide.pt")["refiner_data"]["train_config"]
+    assert tc["wide_fraction"] == 0.5 and tc["oversample_small"] == 2.0
+    code, text, err = run(*base[:4], tmp_path / "wide.pt", "--out", tmp_path / "wide_tuned.pt", "--iters", "2",
+                          "--batch-size", "2")  # a fine-tune keeps the checkpoint's start recipe
+    assert code == 0, err
+    tc = read_checkpoint(tmp_path / "wide_tuned.pt")["refiner_data"]["train_config"]
+    assert tc["wide_fraction"] == 0.5 and tc["oversample_small"] == 2.0 and tc["iters"] == 2
     code, text, err = run(*base[:4], out, "--out", tmp_path / "tuned.pt", "--iters", "2", "--batch-size", "2")
     assert code == 0, err
     assert read_checkpoint(tmp_path / "tuned.pt")["refiner_data"]["init_data"]["train_images"] == 4

@@ -89,3 +89,28 @@ def test_default_model_has_both_stages_and_its_mask_remeasures_to_its_hc(measure
     assert {"stage1_hc_px", "stage_change", "outline_confidence", "outline_residual", "mask_ellipse_dice"} <= set(m.extra)
     # the mask sent to Slicer / saved as a label is the reported ellipse: re-measuring it changes nothing
     assert measure_mask(m.mask, spacing).hc_mm == pytest.approx(m.hc_mm, rel=2e-3)
+
+
+def test_runner_up_only_replaces_a_failed_best_and_stays_flagged():
+    from fetalhc.geometry import Ellipse, ellipse_mask
+    from fetalhc.pipeline import measure_mask, pick_detection
+
+    sp = Spacing(0.15, 0.15, "test")
+    good = measure_mask(ellipse_mask(Ellipse(200, 150, 90, 70, 0.3), (300, 400)), sp)
+    bad = measure_mask(ellipse_mask(Ellipse(200, 150, 90, 70, 0.3), (300, 400)) |
+                       ellipse_mask(Ellipse(300, 150, 60, 20, 0.0), (300, 400)), sp)  # leaked: not elliptical
+    assert good.qc_ok and not bad.qc_ok
+    good.score, bad.score = 0.8, 0.95
+    assert pick_detection(good, iter([bad])) == (good, [])  # a passing best is never replaced
+    chosen, reasons = pick_detection(bad, iter([bad, good]))
+    assert chosen is good and len(reasons) == 1 and "best detection failed QC" in reasons[0]
+    assert "not elliptical" in reasons[0] and chosen.extra["runner_up_of"]["score"] == 0.95
+    chosen, reasons = pick_detection(bad, iter([]))  # nobody better: the best, with its own reasons
+    assert chosen is bad and reasons == bad.qc_reasons
+
+
+def test_runner_up_leaves_a_passing_measurement_alone(measurer, samples_dir):
+    rec = [r for r in hc18.read_records(samples_dir) if r.name == "507_HC.png"][0]
+    img = load_image(rec.image, pixel_csv=samples_dir / hc18.TRAIN_CSV)
+    with_rule, without = (measurer.measure(img.pixels, img.spacing, runner_up=u) for u in (True, False))
+    assert with_rule.qc_ok and with_rule.hc_mm == without.hc_mm and "runner_up_of" not in with_rule.extra

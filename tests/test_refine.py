@@ -151,3 +151,21 @@ def test_refine_qc_flags_stage_disagreement_and_irregular_outlines():
     noisy = e.points(64) * (1 + 0.15 * np.random.default_rng(0).standard_normal((64, 1)) * [[1, 0]]) + [[0, 0]]
     assert any("irregular" in r for r in qc(first, noisy, np.ones(64))["reasons"])
     assert any("unclear" in r for r in qc(first, e.points(64), np.full(64, 0.1))["reasons"])
+
+
+def test_wide_starts_and_small_head_oversampling_in_training_batches():
+    from fetalhc.refine_train import draw, perturb
+    gt = Ellipse.make(200, 150, 90, 60, 0.4)
+    rng = np.random.default_rng(0)
+    sizes = lambda tc: np.log([perturb(gt, rng, tc).a / gt.a for _ in range(4000)])  # noqa: E731
+    plain, wide = sizes(RefineTrainConfig()), sizes(RefineTrainConfig(wide_fraction=0.2, wide_scale=3.0))
+    assert 0.04 < plain.std() < 0.07  # size sd 0.05, aspect 0.03
+    assert (np.abs(plain) > 0.25).mean() < 0.001 < 0.02 < (np.abs(wide) > 0.25).mean()  # a heavier tail only
+    small = RefineSample(np.zeros((10, 10), np.uint8), Ellipse.make(5, 5, 100, 80, 0), 0.1)  # ~57 mm
+    large = RefineSample(np.zeros((10, 10), np.uint8), Ellipse.make(5, 5, 300, 250, 0), 0.1)  # ~173 mm
+    unknown = RefineSample(np.zeros((10, 10), np.uint8), small.gt, 1.0, spacing_known=False)
+    tc = RefineTrainConfig(batch_size=6000, oversample_small=2.0)
+    counts = np.bincount(draw([small, large, unknown], rng, tc), minlength=3)
+    assert 1.8 < counts[0] / counts[1] < 2.2 and 0.9 < counts[2] / counts[1] < 1.1
+    with pytest.raises(ValueError, match="out of range"):
+        RefineTrainConfig(wide_fraction=1.5)

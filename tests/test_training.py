@@ -74,3 +74,28 @@ def test_checkpoint_errors(tmp_path):
         load_model(truncated)
     model, meta = load_model(good)  # half precision loads back as float32
     assert next(model.parameters()).dtype == torch.float32 and meta["version"].startswith("slim-")
+
+
+def test_oversample_small_draws_small_heads_k_times_as_often(tmp_path):
+    from fetalhc.data import SMALL_HEAD_MM, Sample, sample_hc_mm
+    from fetalhc.geometry import Ellipse, ellipse_mask
+    from fetalhc.io import Spacing
+    from fetalhc.train import _sampler
+
+    def sample(radius_px, spacing):
+        m = ellipse_mask(Ellipse(100, 100, radius_px, radius_px * 0.8, 0.0), (200, 200)).astype(bool)
+        return Sample("x", np.zeros((200, 200), np.uint8), m, spacing, "g")
+
+    mm = Spacing(0.2, 0.2, "test")
+    small, large, unknown = sample(50, mm), sample(90, mm), sample(50, None)  # ~57 mm, ~102 mm, no spacing
+    assert sample_hc_mm(small) < SMALL_HEAD_MM < sample_hc_mm(large) and sample_hc_mm(unknown) is None
+    samples = [small, large, unknown]
+    cfg = TrainConfig(out_dir=str(tmp_path), oversample_small=3.0)
+    sampler = _sampler(cfg, samples, samples, 1, 0)
+    draws = [i for _ in range(400) for i in sampler]  # one epoch per pass, as the DataLoader does
+    counts = np.bincount(draws, minlength=3)
+    assert len(draws) == 1200 and 2.5 < counts[0] / counts[1] < 3.5 and 0.8 < counts[2] / counts[1] < 1.25
+    with pytest.raises(ValueError, match="oversample_small"):
+        TrainConfig(out_dir=str(tmp_path), oversample_small=0.5)
+    with pytest.raises(ValueError, match="single process"):
+        _sampler(cfg, samples, samples, 2, 0)

@@ -102,7 +102,7 @@ def _train(args) -> int:
                       lr=args.lr, mask_loss_weight=args.mask_loss_weight, input_size=args.input_size,
                       init=args.init, resume=args.resume, pretrained_backbone=args.pretrained_backbone,
                       augment=not args.no_augment, device=args.device, workers=args.workers, seed=args.seed,
-                      half_best=args.half,
+                      half_best=args.half, oversample_small=args.oversample_small,
                       data_summary={"source": f"HC18 {Path(args.hc18).name}", "val_fraction": args.val_fraction,
                                     "split_seed": args.seed, "protocol": args.protocol,
                                     "license": "HC18 CC BY 4.0, doi:10.5281/zenodo.1322001"})
@@ -134,7 +134,8 @@ def _train_refiner(args) -> int:
     else:
         train, val = split_samples(samples, args.val_fraction, args.seed)
     print(f"second stage: {len(train)} training / {len(val)} validation images", file=sys.stderr)
-    tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           wide_fraction=args.wide_fraction, oversample_small=args.oversample_small)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
                             cfg=RefinerConfig(passes=args.passes,
                                               **({} if args.span is None else {"span": args.span})), tc=tc,
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrained-backbone", action="store_true", help="ImageNet weights from the local torch cache")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--half", action="store_true", help="store best.pt in float16")
+    t.add_argument("--oversample-small", type=float, default=1.0,
+                   help="draw heads under 100 mm HC this many times as often (default 1: uniform)")
     t.add_argument("--limit", type=int, help="use only the first N training images (smoke runs)")
     t.add_argument("--device")
     t.add_argument("--workers", type=int, default=0)
@@ -337,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "development images; a fine-tune keeps the checkpoint's)")
     f.add_argument("--span", type=float, help="radial search window: the first-stage radius x "
                                               "[1 - span, 1 + span] (default: fetalhc.refine.RefinerConfig's)")
+    f.add_argument("--wide-fraction", type=float, default=0.0,
+                   help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
+    f.add_argument("--oversample-small", type=float, default=1.0,
+                   help="draw heads under 100 mm HC this many times as often (default 1: uniform)")
     f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
     f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
     f.add_argument("--threads", type=int, help="CPU threads for torch")

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import hc18
+from .geometry import fit_mask
 from .io import Spacing, load_image
 from .pipeline import to_tensor
 from .transforms import Augment, make_target, resize_long_side
@@ -46,6 +47,19 @@ def pair_sample(image_path: str | Path, label_path: str | Path, spacing: Spacing
         raise ValueError(f"label {label_path} is {lab.pixels.shape}, image {image_path} is {img.pixels.shape}")
     name = Path(image_path).name
     return Sample(name, img.pixels, lab.pixels > 0, spacing or img.spacing, group or hc18.exam_of(name))
+
+
+SMALL_HEAD_MM = 100.0  # the issue's smallest size bin: first-trimester heads, where the gross errors are
+
+
+def sample_hc_mm(s: Sample) -> float | None:
+    """HC (mm) of a sample's label (its fitted ellipse); None without spacing or a usable mask."""
+    if s.spacing is None or s.mask.sum() < 20:
+        return None
+    try:
+        return fit_mask(s.mask, (s.spacing.row_mm, s.spacing.col_mm))[1].perimeter
+    except ValueError:
+        return None
 
 
 class HeadDataset(Dataset):

@@ -24,6 +24,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from .refine import Refiner
 
 CHECKPOINT_FORMAT = "fetalhc-maskrcnn/1"
+# Detections kept per image (after NMS): the pipeline measures the best one, and the runner-ups only when
+# the best fails QC (fetalhc.pipeline).
+CANDIDATES = 3
 
 
 class CheckpointError(RuntimeError):
@@ -119,7 +122,7 @@ def build_model(config: str | ModelConfig = DEFAULT_CONFIG, num_classes: int = 2
         mask_roi_pool=MultiScaleRoIAlign(names, cfg.mask_roi, 2),
         mask_head=MaskRCNNHeads(c, list(cfg.mask_head_layers), 1, norm_layer=None),
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_layers[-1], cfg.mask_head_layers[-1], num_classes),
-        box_detections_per_img=1,  # the pipeline uses the best head only
+        box_detections_per_img=CANDIDATES,
         rpn_pre_nms_top_n_train=cfg.rpn_proposals[0], rpn_post_nms_top_n_train=cfg.rpn_proposals[1],
         rpn_pre_nms_top_n_test=cfg.rpn_proposals[2], rpn_post_nms_top_n_test=cfg.rpn_proposals[3],
         box_batch_size_per_image=cfg.rois_per_image,

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -44,41 +44,79 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model, pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
-    """Best head detection: (soft mask at full resolution or None, score)."""
+def candidates(model, pixels: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """Head detections, best first: (soft mask at full resolution, score) each."""
     device = next(model.parameters()).device
     out = detect(model, to_tensor(pixels).to(device))
-    if len(out["scores"]) == 0:
-        return None, 0.0
-    i = int(out["scores"].argmax())
-    return out["masks"][i, 0].float().cpu().numpy(), float(out["scores"][i])
+    order = out["scores"].argsort(descending=True).tolist()
+    return [(out["masks"][i, 0].float().cpu().numpy(), float(out["scores"][i])) for i in order]
 
 
 def measure_image(model, pixels: np.ndarray, spacing: Spacing | None, *,
                   spacing_at: Callable[[float, float], Spacing | None] | None = None,
                   score_threshold: float = 0.5, ga_weeks: float | None = None,
-                  model_version: str = "") -> Measurement:
-    """Measure one 2-D grey image. Without a known spacing no millimetre value is produced."""
+                  model_version: str = "", runner_up: bool = True) -> Measurement:
+    """Measure one 2-D grey image. Without a known spacing no millimetre value is produced.
+
+    When the best detection fails QC and ``runner_up`` is set, the next detections (score at least
+    ``score_threshold``) are measured too, and the first that passes every check is reported instead,
+    still flagged, with the reason: on an early scan the best box can hold the whole amniotic sac while
+    the head is the next one. The flag stays, so a switch can never make a silent error.
+    """
     t0 = time.perf_counter()
     if pixels.ndim != 2 or pixels.size == 0:
         raise ValueError(f"expected a non-empty 2-D grey image, got shape {pixels.shape}")
-    soft, score = predict(model, pixels)
+    found = candidates(model, pixels)
+    score = found[0][1] if found else 0.0
     empty = Measurement(mask=np.zeros(pixels.shape, np.uint8), score=score, spacing=spacing, qc_ok=False,
                         model_version=model_version)
-    if soft is None or score < MIN_SCORE or (soft >= 0.5).sum() < 20:
+    if not found or score < MIN_SCORE or (found[0][0] >= 0.5).sum() < 20:
         return _finish(empty, ["no head found"], t0)
-    binary = largest_component(soft >= 0.5)
-    low = [f"low detection score {score:.2f} < {score_threshold:.2f}"] if score < score_threshold else []
     kw = dict(spacing_at=spacing_at, ga_weeks=ga_weeks, outline_source=OUTLINE_AI)
     try:
-        res = measure_region(binary, spacing, soft=soft, qc_reasons=low, **kw)
-        refiner = getattr(model, "fetalhc_refiner", None)
-        if refiner is not None:
-            res, binary = _refined(refiner, pixels, spacing, res, low, kw)
+        best = _measure_detection(model, pixels, spacing, *found[0], score_threshold, kw, model_version)
     except ValueError as exc:
         return _finish(empty, [f"no head found ({exc})"], t0)
+
+    def others():  # measured only when asked for
+        for soft, other in found[1:] if runner_up else []:
+            if other < score_threshold:
+                return
+            try:
+                yield _measure_detection(model, pixels, spacing, soft, other, score_threshold, kw, model_version)
+            except ValueError:
+                continue
+
+    chosen, reasons = pick_detection(best, others())
+    return _finish(chosen, reasons, t0)
+
+
+def pick_detection(best: Measurement, runner_ups: Iterable[Measurement]) -> tuple[Measurement, list[str]]:
+    """The measurement to report and its QC reasons: ``best`` unless it fails QC and a runner-up passes
+    every check; that one is reported, flagged with why (a switch must never make a silent error)."""
+    if best.qc_reasons:
+        for alt in runner_ups:
+            if not alt.qc_reasons:
+                alt.extra["runner_up_of"] = {"score": best.score, "hc_px": best.hc_px,
+                                             "qc_reasons": list(best.qc_reasons)}
+                return alt, [f"the best detection failed QC ({'; '.join(best.qc_reasons)}); this is the next one "
+                             f"(score {alt.score:.2f}), which passes: confirm it is the head"]
+    return best, list(best.qc_reasons)
+
+
+def _measure_detection(model, pixels: np.ndarray, spacing: Spacing | None, soft: np.ndarray, score: float,
+                       score_threshold: float, kw: dict, model_version: str) -> Measurement:
+    """One detection measured with both stages and every QC reason; ValueError when it holds no head."""
+    if (soft >= 0.5).sum() < 20:
+        raise ValueError("mask too small")
+    binary = largest_component(soft >= 0.5)
+    low = [f"low detection score {score:.2f} < {score_threshold:.2f}"] if score < score_threshold else []
+    res = measure_region(binary, spacing, soft=soft, qc_reasons=low, **kw)
+    refiner = getattr(model, "fetalhc_refiner", None)
+    if refiner is not None:
+        res, binary = _refined(refiner, pixels, spacing, res, low, kw)
     res.qc_reasons += zoom_reasons(res.hc_mm, res.spacing)
-    return _finish(_with_mask(res, binary, score=score, model_version=model_version), res.qc_reasons, t0)
+    return _with_mask(res, binary, score=score, model_version=model_version)
 
 
 def _refined(refiner, pixels: np.ndarray, spacing: Spacing | None, first: Result, reasons: list[str],

@@ -11,7 +11,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from .data import SMALL_HEAD_MM
 from .geometry import Ellipse, fit_mask, fit_points
 from .refine import (OutlineNet, Refiner, RefinerConfig, inside_image, ray_crossings, ray_points, refine_points,
                      unwrap)
@@ -31,6 +32,11 @@ class RefineSample:
     pixel_mm: float
     name: str = ""
     start: Ellipse | None = None  # a first-stage ellipse (validation only)
+    spacing_known: bool = True
+
+    @property
+    def hc_mm(self) -> float | None:
+        return self.gt.perimeter * self.pixel_mm if self.spacing_known else None
 
 
 @dataclass
@@ -47,13 +53,34 @@ class RefineTrainConfig:
     shift_sd: float = 0.03
     angle_sd: float = 0.1
     ema: float = 0.998  # the result is this exponential moving average of the weights (steadier than the last)
+    wide_fraction: float = 0.0  # share of starts drawn with wide_scale x those spreads: stage 1's rare gross misses
+    wide_scale: float = 3.0
+    oversample_small: float = 1.0  # draw heads with HC < SMALL_HEAD_MM this many times as often
+
+    def __post_init__(self):
+        if not 0.0 <= self.wide_fraction <= 1.0 or self.wide_scale <= 0 or self.oversample_small < 1.0:
+            raise ValueError(f"second-stage training settings out of range: wide_fraction {self.wide_fraction} "
+                             f"(0-1), wide_scale {self.wide_scale} (> 0), oversample_small {self.oversample_small} (>= 1)")
+
+
+# The RefineTrainConfig fields that say which starts and heads the refiner learns from (kept by a fine-tune).
+START_RECIPE = ("size_sd", "aspect_sd", "shift_sd", "angle_sd", "wide_fraction", "wide_scale", "oversample_small")
 
 
 def perturb(gt: Ellipse, rng: np.random.Generator, c: RefineTrainConfig) -> Ellipse:
-    k = math.exp(rng.normal(0, c.size_sd))
-    q = math.exp(rng.normal(0, c.aspect_sd))
-    dx, dy = rng.normal(0, c.shift_sd * gt.b, 2)
-    return Ellipse.make(gt.cx + dx, gt.cy + dy, gt.a * k * q, gt.b * k / q, gt.angle + rng.normal(0, c.angle_sd))
+    w = c.wide_scale if c.wide_fraction and rng.random() < c.wide_fraction else 1.0
+    k = math.exp(rng.normal(0, w * c.size_sd))
+    q = math.exp(rng.normal(0, w * c.aspect_sd))
+    dx, dy = rng.normal(0, w * c.shift_sd * gt.b, 2)
+    return Ellipse.make(gt.cx + dx, gt.cy + dy, gt.a * k * q, gt.b * k / q, gt.angle + rng.normal(0, w * c.angle_sd))
+
+
+def draw(samples: list[RefineSample], rng: np.random.Generator, tc: RefineTrainConfig) -> np.ndarray:
+    """Indices of one batch: uniform, or small heads ``tc.oversample_small`` times as often."""
+    if tc.oversample_small == 1.0:
+        return rng.integers(0, len(samples), tc.batch_size)
+    w = np.array([tc.oversample_small if s.hc_mm is not None and s.hc_mm < SMALL_HEAD_MM else 1.0 for s in samples])
+    return rng.choice(len(samples), tc.batch_size, p=w / w.sum())
 
 
 def targets(start: Ellipse, gt: Ellipse, shape: tuple[int, int], cfg: RefinerConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +106,7 @@ def _orient(pixels: np.ndarray, e: Ellipse, rng: np.random.Generator) -> tuple[n
 
 def make_batch(samples: list[RefineSample], rng: np.random.Generator, cfg: RefinerConfig, tc: RefineTrainConfig):
     xs, rows, ws = [], [], []
-    for i in rng.integers(0, len(samples), tc.batch_size):
+    for i in draw(samples, rng, tc):
         s = samples[i]
         pixels, gt = _orient(s.pixels, s.gt, rng)
         start = perturb(gt, rng, tc)
@@ -233,7 +260,7 @@ def refine_samples(samples, with_start_from=None) -> list[RefineSample]:
             start = measure_image(with_start_from, s.image, None).ellipse_px
             if start is None:
                 continue
-        out.append(RefineSample(s.image, gt, s.spacing.col_mm if s.spacing else 1.0, s.name, start))
+        out.append(RefineSample(s.image, gt, s.spacing.col_mm if s.spacing else 1.0, s.name, start, s.spacing is not None))
     return out
 
 
@@ -250,6 +277,9 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
     init = model.fetalhc_refiner if fine_tune else None
     model.fetalhc_refiner = None  # validation starts from the first stage alone
     cfg = init.cfg if init is not None else (cfg or RefinerConfig())
+    if init is not None:  # a fine-tune also keeps the checkpoint's start perturbations and sampling
+        prior = (blob.get("refiner_data") or {}).get("train_config") or {}
+        tc = replace(tc, **{k: prior[k] for k in START_RECIPE if k in prior})
     result = train_refiner(refine_samples(train), refine_samples(val, with_start_from=model), work_dir, cfg, tc,
                            init=init, resume=resume, progress=progress, should_stop=should_stop, device=device)
     model.fetalhc_refiner = result["refiner"]

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
-from .data import HeadDataset, Sample, collate, seed_everything
+from .data import SMALL_HEAD_MM, HeadDataset, Sample, collate, sample_hc_mm, seed_everything
 from .engine import train_one_epoch, validate
 from .model import (CHECKPOINT_FORMAT, attach_refiner, build_model, config_from_dict, read_checkpoint,
                     save_checkpoint, with_overrides)
@@ -46,7 +46,12 @@ class TrainConfig:
     seed: int = 0
     score_threshold: float = 0.5
     half_best: bool = False  # store best.pt in float16 (half the size, same predictions to ~1e-3 mm)
+    oversample_small: float = 1.0  # draw heads with HC < SMALL_HEAD_MM this many times as often (early exams)
     data_summary: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.oversample_small < 1.0:
+            raise ValueError(f"oversample_small {self.oversample_small}: needs >= 1 (1 = uniform)")
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -96,8 +101,7 @@ def fit(cfg: TrainConfig, train_samples: list[Sample], val_samples: list[Sample]
     model.to(device)
 
     ds = HeadDataset(train_samples, model_cfg.input_size, Augment() if cfg.augment else None, seed=cfg.seed)
-    sampler = DistributedSampler(ds, world, rank, seed=cfg.seed) if world > 1 else RandomSampler(
-        ds, generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = _sampler(cfg, ds, train_samples, world, rank)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=cfg.workers, drop_last=len(ds) > cfg.batch_size)
     train_model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) \
@@ -160,6 +164,18 @@ def fit(cfg: TrainConfig, train_samples: list[Sample], val_samples: list[Sample]
     return {"best_metric": None if best == math.inf else best, "best_path": str(out / "best.pt"),
             "last_path": str(out / "last.pt"), "history": history, "total_time": time.time() - t_start,
             "format": CHECKPOINT_FORMAT}
+
+
+def _sampler(cfg: TrainConfig, ds, samples: list[Sample], world: int, rank: int):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.oversample_small == 1.0:
+        return DistributedSampler(ds, world, rank, seed=cfg.seed) if world > 1 else RandomSampler(ds, generator=gen)
+    if world > 1:
+        raise ValueError(f"oversample_small {cfg.oversample_small}: needs a single process (no DDP)")
+    hc = [sample_hc_mm(s) for s in samples]
+    weights = [cfg.oversample_small if h is not None and h < SMALL_HEAD_MM else 1.0 for h in hc]
+    # Same epoch length; small heads drawn more often (with replacement).
+    return WeightedRandomSampler(weights, len(weights), replacement=True, generator=gen)
 
 
 def _epoch_line(s: dict) -> str:

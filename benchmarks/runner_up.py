@@ -57,10 +57,12 @@ def main() -> int:
     flagged = [x for x in rows if x["flagged"]]
     switched = [x for x in flagged if x["switched"]]
     for x in switched:
-        print(f"{x['name']:14s} HC {x['hc_true_mm']:6.1f} mm  error {x['err_best_mm']:+7.2f} -> {x['err_ruled_mm']:+7.2f} mm")
+        print(f"{x['name']:14s} HC {x['hc_true_mm']:6.1f} mm  error {x['err_best_mm']:+7.2f} -> "
+              f"{x['err_ruled_mm']:+7.2f} mm")
     summary = {"images": len(rows), "flagged": len(flagged), "switched": len(switched),
                "switched_better": sum(abs(x["err_ruled_mm"]) < abs(x["err_best_mm"]) for x in switched),
-               "flagged_adf_best_mm": _adf(flagged, "err_best_mm"), "flagged_adf_ruled_mm": _adf(flagged, "err_ruled_mm")}
+               "flagged_adf_best_mm": _adf(flagged, "err_best_mm"),
+               "flagged_adf_ruled_mm": _adf(flagged, "err_ruled_mm")}
     print(json.dumps(summary, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps({**summary, "model": m.version, "all_dev": args.all_dev, "rows": rows},

@@ -62,6 +62,11 @@ def sample_hc_mm(s: Sample) -> float | None:
         return None
 
 
+def small_head_weights(hc_mm: list[float | None], factor: float) -> list[float]:
+    """Sampling weights: ``factor`` for heads under SMALL_HEAD_MM, 1 for the rest and for unknown sizes."""
+    return [factor if h is not None and h < SMALL_HEAD_MM else 1.0 for h in hc_mm]
+
+
 class HeadDataset(Dataset):
     """Samples pre-scaled once to the model's input size; augmented on the fly when ``augment`` is set."""
 

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from .data import SMALL_HEAD_MM
+from .data import small_head_weights
 from .geometry import Ellipse, fit_mask, fit_points
 from .refine import (OutlineNet, Refiner, RefinerConfig, inside_image, ray_crossings, ray_points, refine_points,
                      unwrap)
@@ -55,12 +55,13 @@ class RefineTrainConfig:
     ema: float = 0.998  # the result is this exponential moving average of the weights (steadier than the last)
     wide_fraction: float = 0.0  # share of starts drawn with wide_scale x those spreads: stage 1's rare gross misses
     wide_scale: float = 3.0
-    oversample_small: float = 1.0  # draw heads with HC < SMALL_HEAD_MM this many times as often
+    oversample_small: float = 1.0  # draw heads under data.SMALL_HEAD_MM this many times as often
 
     def __post_init__(self):
         if not 0.0 <= self.wide_fraction <= 1.0 or self.wide_scale <= 0 or self.oversample_small < 1.0:
             raise ValueError(f"second-stage training settings out of range: wide_fraction {self.wide_fraction} "
-                             f"(0-1), wide_scale {self.wide_scale} (> 0), oversample_small {self.oversample_small} (>= 1)")
+                             f"(0-1), wide_scale {self.wide_scale} (> 0), "
+                             f"oversample_small {self.oversample_small} (>= 1)")
 
 
 # The RefineTrainConfig fields that say which starts and heads the refiner learns from (kept by a fine-tune).
@@ -79,7 +80,7 @@ def draw(samples: list[RefineSample], rng: np.random.Generator, tc: RefineTrainC
     """Indices of one batch: uniform, or small heads ``tc.oversample_small`` times as often."""
     if tc.oversample_small == 1.0:
         return rng.integers(0, len(samples), tc.batch_size)
-    w = np.array([tc.oversample_small if s.hc_mm is not None and s.hc_mm < SMALL_HEAD_MM else 1.0 for s in samples])
+    w = np.array(small_head_weights([s.hc_mm for s in samples], tc.oversample_small))
     return rng.choice(len(samples), tc.batch_size, p=w / w.sum())
 
 
@@ -260,7 +261,8 @@ def refine_samples(samples, with_start_from=None) -> list[RefineSample]:
             start = measure_image(with_start_from, s.image, None).ellipse_px
             if start is None:
                 continue
-        out.append(RefineSample(s.image, gt, s.spacing.col_mm if s.spacing else 1.0, s.name, start, s.spacing is not None))
+        out.append(RefineSample(s.image, gt, s.spacing.col_mm if s.spacing else 1.0, s.name, start,
+                                spacing_known=s.spacing is not None))
     return out
 
 

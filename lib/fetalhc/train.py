@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 
-from .data import SMALL_HEAD_MM, HeadDataset, Sample, collate, sample_hc_mm, seed_everything
+from .data import HeadDataset, Sample, collate, sample_hc_mm, seed_everything, small_head_weights
 from .engine import train_one_epoch, validate
 from .model import (CHECKPOINT_FORMAT, attach_refiner, build_model, config_from_dict, read_checkpoint,
                     save_checkpoint, with_overrides)
@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     score_threshold: float = 0.5
     half_best: bool = False  # store best.pt in float16 (half the size, same predictions to ~1e-3 mm)
-    oversample_small: float = 1.0  # draw heads with HC < SMALL_HEAD_MM this many times as often (early exams)
+    oversample_small: float = 1.0  # draw heads under data.SMALL_HEAD_MM this many times as often (early exams)
     data_summary: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -172,8 +172,7 @@ def _sampler(cfg: TrainConfig, ds, samples: list[Sample], world: int, rank: int)
         return DistributedSampler(ds, world, rank, seed=cfg.seed) if world > 1 else RandomSampler(ds, generator=gen)
     if world > 1:
         raise ValueError(f"oversample_small {cfg.oversample_small}: needs a single process (no DDP)")
-    hc = [sample_hc_mm(s) for s in samples]
-    weights = [cfg.oversample_small if h is not None and h < SMALL_HEAD_MM else 1.0 for h in hc]
+    weights = small_head_weights([sample_hc_mm(s) for s in samples], cfg.oversample_small)
     # Same epoch length; small heads drawn more often (with replacement).
     return WeightedRandomSampler(weights, len(weights), replacement=True, generator=gen)
 

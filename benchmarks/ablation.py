@@ -28,7 +28,21 @@ from fetalhc.pipeline import Measurer
 from fetalhc.protocol import measure_test_set, protocol_split, protocol_summary, seen_test_images
 
 
-class _Timed:
+HEADER = ("| step | ADF mean ± sd (mm) | median | p95 | worst | DF mean | Dice (%) | HD (mm) | > 8 mm (QC passed) "
+          "| QC flagged | latency median (s) |", "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(label: str, s: dict, latency_s: float) -> str:
+    """One ablation row from a :func:`fetalhc.protocol.protocol_summary` and the median latency."""
+    o = s["overall"]
+    hd = f"{o['hausdorff_mm']['mean']:.2f}" if "hausdorff_mm" in o else "–"  # absent when every head was missed
+    return (f"| {label} | {o['adf_mm']['mean']:.2f} ± {o['adf_mm']['sd']:.2f} | {o['adf_mm']['median']:.2f} | "
+            f"{o['adf_mm']['p95']:.2f} | {o['adf_mm']['worst']:.2f} | {o['df_mm']['mean']:+.2f} | "
+            f"{100 * o['dice']['mean']:.2f} | {hd} | {s['gross_errors']} "
+            f"({s['gross_errors_qc_passed']}) | {100 * s['qc_flagged_fraction']:.1f} % | {latency_s:.3f} |")
+
+
+class Timed:
     """A Measurer that keeps each measurement's pipeline latency."""
 
     def __init__(self, measurer, **options):
@@ -66,23 +80,18 @@ def main() -> int:
     steps += [("+ runner-up detection when the best fails QC (shipped)", shipped, True)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| step | ADF mean ± sd (mm) | median | p95 | worst | DF mean | Dice (%) | HD (mm) | > 8 mm (QC passed) "
-             "| QC flagged | latency median (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = list(HEADER)
     results = {}
     for label, passes, runner_up in steps:
         if passes is not None:
             refiner.cfg = replace(refiner.cfg, passes=passes)
         measurer.model.fetalhc_refiner = None if passes is None else refiner
-        timed = _Timed(measurer, runner_up=runner_up)
+        timed = Timed(measurer, runner_up=runner_up)
         rows = measure_test_set(timed, args.hc18, split.test)
         s = protocol_summary(rows)
-        o = s["overall"]
         lat = float(np.median(timed.latency))
         results[label] = {**s, "latency_median_s": lat}
-        lines.append(f"| {label} | {o['adf_mm']['mean']:.2f} ± {o['adf_mm']['sd']:.2f} | {o['adf_mm']['median']:.2f} | "
-                     f"{o['adf_mm']['p95']:.2f} | {o['adf_mm']['worst']:.2f} | {o['df_mm']['mean']:+.2f} | "
-                     f"{100 * o['dice']['mean']:.2f} | {o['hausdorff_mm']['mean']:.2f} | {s['gross_errors']} "
-                     f"({s['gross_errors_qc_passed']}) | {100 * s['qc_flagged_fraction']:.1f} % | {lat:.3f} |")
+        lines.append(table_row(label, s, lat))
         with open(out / f"rows_{len(results)}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()

@@ -99,3 +99,20 @@ def test_oversample_small_draws_small_heads_k_times_as_often(tmp_path):
         TrainConfig(out_dir=str(tmp_path), oversample_small=0.5)
     with pytest.raises(ValueError, match="single process"):
         _sampler(cfg, samples, samples, 2, 0)
+
+
+def test_train_device_gives_cuda_an_index():
+    # `fetalhc train --device cuda` crashed in torch.cuda.set_device, which needs an index (found on a GPU).
+    from fetalhc.train import train_device
+    assert train_device("cuda", 1) == torch.device("cuda", 1)
+    assert train_device("cuda:0", 3) == torch.device("cuda", 0)
+    assert train_device("cpu", 2) == torch.device("cpu")
+    assert train_device(None, 0) == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def test_480_config_scales_the_320_anchors_with_the_input():
+    from fetalhc.model import CONFIGS
+    small, large = CONFIGS["mobilenet_v3_fpn"], CONFIGS["mobilenet_v3_fpn_480"]
+    k = large.input_size / small.input_size
+    assert large.anchor_sizes == tuple(tuple(round(a * k) for a in lvl) for lvl in small.anchor_sizes)
+    assert (large.fpn_channels, large.mask_head_layers) == (small.fpn_channels, small.mask_head_layers)

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train Mask R-CNN on labelled HC18 data (exam-grouped validation)")
     t.add_argument("--hc18", required=True, help="HC18 folder with training_set/ and its CSV")
     t.add_argument("--out", required=True, help="run folder: best.pt, last.pt, history.csv")
-    t.add_argument("--config", default="mobilenet_v3_fpn", help="mobilenet_v3_fpn | resnet50_fpn | resnet101_fpn")
+    t.add_argument("--config", default="mobilenet_v3_fpn",
+                   help="mobilenet_v3_fpn | mobilenet_v3_fpn_480 | resnet50_fpn | resnet101_fpn")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-3)

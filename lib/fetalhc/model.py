@@ -61,6 +61,11 @@ CONFIGS: dict[str, ModelConfig] = {
         "mobilenet_v3_fpn", "mobilenet_v3_large", input_size=320, fpn_channels=128,
         anchor_sizes=((24, 36), (48, 72), (96, 144), (192, 288)), aspect_ratios=(0.6, 1.0, 1.6),
         box_head_dim=512, mask_head_layers=(128, 128, 128, 128), mask_roi=14),
+    # The same at 480 px (anchors scaled with it): the thin skull ring of early heads spans more pixels.
+    "mobilenet_v3_fpn_480": ModelConfig(
+        "mobilenet_v3_fpn_480", "mobilenet_v3_large", input_size=480, fpn_channels=128,
+        anchor_sizes=((36, 54), (72, 108), (144, 216), (288, 432)), aspect_ratios=(0.6, 1.0, 1.6),
+        box_head_dim=512, mask_head_layers=(128, 128, 128, 128), mask_roi=14),
 }
 DEFAULT_CONFIG = "mobilenet_v3_fpn"
 

@@ -62,6 +62,15 @@ def _dist_info() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def train_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """The device to train on: ``name`` (None: this process's GPU if any, else the CPU). A bare "cuda" means
+    this process's GPU: ``torch.cuda.set_device`` needs an index (``--device cuda`` used to crash there)."""
+    if not name:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
 def _schedule(optimizer, warmup: int, total: int):
     def factor(it):
         if it < warmup:
@@ -78,10 +87,7 @@ def fit(cfg: TrainConfig, train_samples: list[Sample], val_samples: list[Sample]
     seed_everything(cfg.seed + rank)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.device:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = train_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

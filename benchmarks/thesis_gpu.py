@@ -37,7 +37,7 @@ from ablation import HEADER, Timed, table_row  # noqa: E402
 
 from fetalhc import hc18  # noqa: E402
 from fetalhc.data import hc18_samples  # noqa: E402
-from fetalhc.model import attach_refiner, load_model, read_checkpoint, save_checkpoint  # noqa: E402
+from fetalhc.model import combine_stages, read_checkpoint  # noqa: E402
 from fetalhc.pipeline import Measurer  # noqa: E402
 from fetalhc.protocol import (ProtocolSplit, measure_test_set, protocol_split, protocol_summary,  # noqa: E402
                               seen_test_images)
@@ -163,13 +163,7 @@ def run(args) -> int:
     save()
 
     # The trained stage 1 with the shipped second stage: the ablation's rows for this backbone.
-    model, meta = load_model(result["last_path"])
-    shipped = read_checkpoint(args.model)
-    attach_refiner(model, shipped)
-    two_stage = work / "r50_two_stage.pt"
-    drop = ("format", "config", "path", "version", "refiner_config", "optimizer", "scheduler")
-    keep = {k: v for k, v in meta.items() if k not in drop}
-    save_checkpoint(two_stage, model, **keep, refiner_data=shipped["refiner_data"])
+    two_stage = combine_stages(result["last_path"], args.model, work / "r50_two_stage.pt")
     measurer = Measurer(two_stage, eval_device)
     # The split as drawn over all of HC18 (pack); drawn again over the pack's images alone it would differ.
     seen = seen_test_images(measurer.meta, ProtocolSplit(manifest["train"], manifest["test"]))

@@ -116,3 +116,18 @@ def test_480_config_scales_the_320_anchors_with_the_input():
     k = large.input_size / small.input_size
     assert large.anchor_sizes == tuple(tuple(round(a * k) for a in lvl) for lvl in small.anchor_sizes)
     assert (large.fpn_channels, large.mask_head_layers) == (small.fpn_channels, small.mask_head_layers)
+
+
+def test_combine_stages_takes_another_checkpoints_second_stage(tiny_run, default_model, tmp_path):
+    from fetalhc.model import combine_stages
+    out = combine_stages(tiny_run["best_path"], default_model, tmp_path / "two.pt")
+    model, meta = load_model(out)
+    shipped, shipped_meta = load_model(default_model)
+    assert model.fetalhc_config.input_size == 160  # the tiny run's first stage ...
+    assert meta["data"]["train_images"] == 4
+    assert meta["refiner_data"] == shipped_meta["refiner_data"]  # ... with the shipped second stage and its provenance
+    assert model.fetalhc_refiner.cfg == shipped.fetalhc_refiner.cfg
+    a, b = model.fetalhc_refiner.net.state_dict(), shipped.fetalhc_refiner.net.state_dict()
+    assert all(torch.equal(a[k].float(), b[k].float()) for k in b)
+    with pytest.raises(CheckpointError, match="no second stage"):
+        combine_stages(tiny_run["best_path"], tiny_run["best_path"], tmp_path / "none.pt")

@@ -61,7 +61,8 @@ CONFIGS: dict[str, ModelConfig] = {
         "mobilenet_v3_fpn", "mobilenet_v3_large", input_size=320, fpn_channels=128,
         anchor_sizes=((24, 36), (48, 72), (96, 144), (192, 288)), aspect_ratios=(0.6, 1.0, 1.6),
         box_head_dim=512, mask_head_layers=(128, 128, 128, 128), mask_roi=14),
-    # The same at 480 px (anchors scaled with it): the thin skull ring of early heads spans more pixels.
+    # The same at 480 px (anchors scaled with it), for the thin skull ring of early heads. Tried, not shipped:
+    # no better on development images (models/protocol/stage1_480/).
     "mobilenet_v3_fpn_480": ModelConfig(
         "mobilenet_v3_fpn_480", "mobilenet_v3_large", input_size=480, fpn_channels=128,
         anchor_sizes=((36, 54), (72, 108), (144, 216), (288, 432)), aspect_ratios=(0.6, 1.0, 1.6),
@@ -267,6 +268,22 @@ def attach_refiner(model: MaskRCNN, blob: dict) -> None:
         model.fetalhc_refiner = Refiner.from_blob(blob["refiner"]) if blob.get("refiner") else None
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"the checkpoint's outline refiner does not load: {exc}") from None
+
+
+def combine_stages(stage1: str | Path, stage2_from: str | Path, out: str | Path, half: bool = False) -> Path:
+    """A two-stage checkpoint: the first stage of ``stage1`` with the second stage of ``stage2_from``.
+
+    The second stage learns from perturbed ground-truth ellipses, not from a first stage's output, so it
+    carries over to another first stage; both provenances are kept, so the protocol still checks both.
+    """
+    model, meta = load_model(stage1)
+    blob = read_checkpoint(stage2_from)
+    if not blob.get("refiner"):
+        raise CheckpointError(f"{stage2_from} has no second stage to take")
+    attach_refiner(model, blob)
+    drop = ("format", "config", "path", "version", "refiner_config", "optimizer", "scheduler", "refiner_data")
+    keep = {k: v for k, v in meta.items() if k not in drop}
+    return save_checkpoint(out, model, half=half, **keep, refiner_data=blob.get("refiner_data"))
 
 
 def model_version(path: str | Path) -> str:

@@ -24,6 +24,7 @@ import math
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -108,8 +109,15 @@ def _score(measurer, root: Path, names: list[str], out: Path, tag: str, **option
 
 
 def run(args) -> int:
+    if args.work:
+        return _run(args, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="thesis_gpu.") as work:  # checkpoints of ~0.5 GB: none left behind
+        return _run(args, Path(work))
+
+
+def _run(args, work: Path) -> int:
     t_start = time.time()
-    out, work = Path(args.out), Path(args.work)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = work / "hc18"
     manifest = _unpack(Path(args.pack), root)
@@ -207,7 +215,7 @@ def main() -> int:
     r.add_argument("pack")
     r.add_argument("--out", required=True)
     r.add_argument("--model", default="models/fetalhc_default.pt", help="the shipped model (its second stage)")
-    r.add_argument("--work", default="/tmp/thesis_gpu")
+    r.add_argument("--work", help="keep the unpacked images and checkpoints here (default: a temporary folder)")
     r.add_argument("--budget-s", type=float, default=390.0, help="training wall time after the probe epoch")
     r.add_argument("--deadline-s", type=float, default=520.0, help="skip the shipped-model check after this")
     r.add_argument("--batch-size", type=int, default=8)

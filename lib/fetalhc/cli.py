@@ -268,11 +268,10 @@ def _export_coco(args) -> int:
 
 
 def _export_model(args) -> int:
-    from .model import load_model, model_version, save_checkpoint
+    from .model import load_model, model_version, portable_meta, save_checkpoint
 
     model, meta = load_model(args.checkpoint)
-    keep = {k: v for k, v in meta.items() if k not in ("optimizer", "scheduler", "path", "version", "format", "config",
-                                                          "source")}  # source: the file exported now
+    keep = portable_meta(meta, "source")  # source: the file exported now
     out = save_checkpoint(args.out, model, half=not args.float32, source=model_version(args.checkpoint), **keep)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'float32' if args.float32 else 'float16'} weights)")
     return 0

@@ -270,6 +270,16 @@ def attach_refiner(model: MaskRCNN, blob: dict) -> None:
         raise CheckpointError(f"the checkpoint's outline refiner does not load: {exc}") from None
 
 
+# Checkpoint entries that describe one file (its format, training state, where and what it is), not the
+# model: a new file made from a loaded model (export, combine_stages) drops them and writes its own.
+FILE_KEYS = ("format", "config", "path", "version", "optimizer", "scheduler")
+
+
+def portable_meta(meta: dict, *also: str) -> dict:
+    """``meta`` of :func:`load_model` without FILE_KEYS (and ``also``): what a new file of the model keeps."""
+    return {k: v for k, v in meta.items() if k not in FILE_KEYS + also}
+
+
 def combine_stages(stage1: str | Path, stage2_from: str | Path, out: str | Path, half: bool = False) -> Path:
     """A two-stage checkpoint: the first stage of ``stage1`` with the second stage of ``stage2_from``.
 
@@ -281,8 +291,7 @@ def combine_stages(stage1: str | Path, stage2_from: str | Path, out: str | Path,
     if not blob.get("refiner"):
         raise CheckpointError(f"{stage2_from} has no second stage to take")
     attach_refiner(model, blob)
-    drop = ("format", "config", "path", "version", "refiner_config", "optimizer", "scheduler", "refiner_data")
-    keep = {k: v for k, v in meta.items() if k not in drop}
+    keep = portable_meta(meta, "refiner_config", "refiner_data")
     return save_checkpoint(out, model, half=half, **keep, refiner_data=blob.get("refiner_data"))
 
 

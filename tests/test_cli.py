@@ -111,6 +111,9 @@ def test_train_command_smoke(samples_dir, tmp_path):
     code, out, err = run("train", "--hc18", samples_dir, "--out", tmp_path / "bad", "--epochs", "1",
                          "--oversample-small", "0.5")
     assert code == 2 and "oversample_small 0.5" in err and "Traceback" not in err
+    code, out, err = run("train", "--hc18", samples_dir, "--out", tmp_path / "cfg", "--config", "nosuch")
+    assert code == 2 and "unknown --config 'nosuch'" in err and "mobilenet_v3_fpn_480" in err
+    assert not (tmp_path / "cfg").exists()
 
 
 def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samples_dir, tmp_path):

@@ -85,8 +85,12 @@ def _train(args) -> int:
     import torch
 
     from .data import hc18_samples, split_samples
+    from .model import CONFIGS
     from .train import TrainConfig, fit
 
+    if args.config not in CONFIGS:
+        print(f"error: unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads or torch.get_num_threads())
     samples = hc18_samples(args.hc18)
     if args.protocol:  # the protocol test exams are never trained or validated on

@@ -131,3 +131,14 @@ def test_combine_stages_takes_another_checkpoints_second_stage(tiny_run, default
     assert all(torch.equal(a[k].float(), b[k].float()) for k in b)
     with pytest.raises(CheckpointError, match="no second stage"):
         combine_stages(tiny_run["best_path"], tiny_run["best_path"], tmp_path / "none.pt")
+
+
+def test_slim_resnet18_config_fits_the_size_budget_and_detects_at_three_strides():
+    # The 25 MB file budget (issue 10) in float16: ResNet18's 512-wide last stage alone would break it.
+    model = build_model("resnet18_slim_fpn").eval()
+    assert 2 * count_parameters(model) < 21e6
+    assert model.backbone.body.layer4[0].conv1.out_channels == 256
+    with torch.no_grad():
+        feats = model.backbone(torch.rand(1, 3, 160, 224))
+    assert [f.shape[-1] for f in feats.values()] == [28, 14, 7, 4]  # strides 8/16/32 + the max-pool level
+    assert all(f.shape[1] == 128 for f in feats.values())

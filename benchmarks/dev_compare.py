@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("hc18")
     ap.add_argument("models", nargs="+", help="two-stage checkpoints; the first one's validation exams are used")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="write the summaries here")
+    ap.add_argument("--json", help="write the summaries and per-image rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
@@ -42,9 +42,10 @@ def main() -> int:
         for label, ref in (("stage 1 alone", None), ("both stages + runner-up", refiner)):
             m.model.fetalhc_refiner = ref
             timed = Timed(m)
-            s = protocol_summary(measure_test_set(timed, args.hc18, val))
+            rows = measure_test_set(timed, args.hc18, val)
+            s = protocol_summary(rows)
             lat = sorted(timed.latency)[len(timed.latency) // 2]
-            out[f"{path}: {label}"] = {**s, "latency_median_s": lat}
+            out[f"{path}: {label}"] = {**s, "latency_median_s": lat, "rows": rows}
             lines.append(table_row(f"{path} ({m.version}): {label}", s, lat))
             print(lines[-1], flush=True)
         m.model.fetalhc_refiner = refiner

@@ -169,3 +169,5 @@ def test_wide_starts_and_small_head_oversampling_in_training_batches():
     assert 1.8 < counts[0] / counts[1] < 2.2 and 0.9 < counts[2] / counts[1] < 1.1
     with pytest.raises(ValueError, match="out of range"):
         RefineTrainConfig(wide_fraction=1.5)
+    with pytest.raises(ValueError, match="start spreads"):
+        RefineTrainConfig(size_sd=0.0)

@@ -138,7 +138,10 @@ def _train_refiner(args) -> int:
     else:
         train, val = split_samples(samples, args.val_fraction, args.seed)
     print(f"second stage: {len(train)} training / {len(val)} validation images", file=sys.stderr)
+    base, k = RefineTrainConfig(), args.start_spread
     tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           size_sd=base.size_sd * k, aspect_sd=base.aspect_sd * k, shift_sd=base.shift_sd * k,
+                           angle_sd=base.angle_sd * k,
                            wide_fraction=args.wide_fraction, oversample_small=args.oversample_small)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
                             cfg=RefinerConfig(passes=args.passes,
@@ -348,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
     f.add_argument("--oversample-small", type=float, default=1.0,
                    help="draw heads under 100 mm HC this many times as often (default 1: uniform)")
+    f.add_argument("--start-spread", type=float, default=1.0,
+                   help="scale of the training starts' perturbations (size, aspect, centre, angle) against the "
+                        "default's; below 1 for a first stage that misses by less (default 1)")
     f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
     f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
     f.add_argument("--threads", type=int, help="CPU threads for torch")

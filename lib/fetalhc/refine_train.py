@@ -58,10 +58,12 @@ class RefineTrainConfig:
     oversample_small: float = 1.0  # draw heads under data.SMALL_HEAD_MM this many times as often
 
     def __post_init__(self):
-        if not 0.0 <= self.wide_fraction <= 1.0 or self.wide_scale <= 0 or self.oversample_small < 1.0:
+        spreads = (self.size_sd, self.aspect_sd, self.shift_sd, self.angle_sd)
+        if (not 0.0 <= self.wide_fraction <= 1.0 or self.wide_scale <= 0 or self.oversample_small < 1.0
+                or min(spreads) <= 0):
             raise ValueError(f"second-stage training settings out of range: wide_fraction {self.wide_fraction} "
                              f"(0-1), wide_scale {self.wide_scale} (> 0), "
-                             f"oversample_small {self.oversample_small} (>= 1)")
+                             f"oversample_small {self.oversample_small} (>= 1), start spreads {spreads} (> 0)")
 
 
 # The RefineTrainConfig fields that say which starts and heads the refiner learns from (kept by a fine-tune).

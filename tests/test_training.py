@@ -142,3 +142,5 @@ def test_slim_resnet18_config_fits_the_size_budget_and_detects_at_three_strides(
         feats = model.backbone(torch.rand(1, 3, 160, 224))
     assert [f.shape[-1] for f in feats.values()] == [28, 14, 7, 4]  # strides 8/16/32 + the max-pool level
     assert all(f.shape[1] == 128 for f in feats.values())
+    with pytest.raises(ValueError, match="no ImageNet weights"):  # not silently random
+        build_model("resnet18_slim_fpn", pretrained_backbone=True)

@@ -105,7 +105,7 @@ def _resnet_fpn(cfg: ModelConfig, pretrained_backbone: bool) -> BackboneWithFPN:
 
 
 def _resnet18_slim_fpn(cfg: ModelConfig) -> BackboneWithFPN:
-    # No ImageNet weights exist for this width; the layers after layer4 are dropped by BackboneWithFPN.
+    # The layers after layer4 (pooling, classifier) are dropped by BackboneWithFPN.
     body = resnet18(weights=None, norm_layer=_norm)
     body.inplanes = 256
     body.layer4 = body._make_layer(BasicBlock, 256, 2, stride=2)
@@ -120,6 +120,8 @@ def build_model(config: str | ModelConfig = DEFAULT_CONFIG, num_classes: int = 2
     ImageNet weights from the local torch cache for users who have them; it is never required."""
     cfg = CONFIGS[config] if isinstance(config, str) else config
     if cfg.backbone == "resnet18_slim":
+        if pretrained_backbone:
+            raise ValueError(f"config {cfg.name}: no ImageNet weights exist for its slimmed ResNet18")
         backbone = _resnet18_slim_fpn(cfg)
         names = ["0", "1", "2"]
     elif cfg.backbone.startswith("resnet"):

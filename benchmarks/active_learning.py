@@ -10,7 +10,7 @@ strategies. Each round then adds ``--step`` images from the pool, chosen either 
 uncertainty (``fetalhc.uncertainty``, the MONAI Label app's scoring) or at random, and fine-tunes the
 previous round's model for ``--epochs`` on everything labelled so far. Each round's model (its last
 epoch, no checkpoint selection on the validation set) is scored on the same validation images: the
-exams held out by ``--split-seed`` (default: the shipped model's split). ``--seeds`` repeats the whole
+exams held out by ``--split-seed`` (default 0: `fetalhc split`'s seed-0 exam split). ``--seeds`` repeats the whole
 simulation with other start sets, random picks and training seeds, and reports the mean per round.
 Writes results.json, results.csv, results.md (mean and per-seed tables) and active_learning.png.
 Data: HC18, van den Heuvel et al., PLoS ONE 2018, doi:10.5281/zenodo.1322001 (CC BY 4.0).
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--init", help="round-0 checkpoint instead of training one (must not have seen the pool)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0,
-                   help="exam-grouped split (0 = the shipped model's validation exams), fixed for all seeds")
+                   help="exam-grouped split (0: `fetalhc split`'s default), fixed for all seeds")
     p.add_argument("--val-limit", type=int, help="use only the first N validation images (faster)")
     p.add_argument("--pool-limit", type=int, help="score at most N random pool images per round (faster)")
     p.add_argument("--batch-size", type=int, default=4)

@@ -1,6 +1,6 @@
 """Two-stage checkpoints side by side on the development validation images (never a protocol test image).
 
-    .venv/bin/python benchmarks/dev_compare.py ../shared/hc18 models/fetalhc_default.pt runs/new/two_stage.pt
+    .venv/bin/python benchmarks/dev_compare.py ../shared/hc18 models/protocol/fetalhc_protocol.pt runs/new/two_stage.pt
 
 For each checkpoint: its first stage alone and the whole pipeline (second stage, runner-up rule), on the
 development images that chose the shipped model's settings (the exams its second stage validated on). This

@@ -141,3 +141,17 @@ def test_numpy_geometry_matches_opencv(samples_dir):
 def test_fit_rejects_points_that_are_no_ellipse():
     with pytest.raises(ValueError, match="ellipse"):
         fit_points(np.stack([np.arange(10.0), 2 * np.arange(10.0)], 1))  # a line
+
+
+def test_weighted_fit_ignores_zero_weight_points_and_equals_the_plain_fit_with_equal_weights():
+    e = Ellipse.make(120.0, 90.0, 60.0, 40.0, 0.4)
+    pts = e.points(64)
+    wild = np.vstack([pts, [[300.0, 300.0], [10.0, 200.0]]])  # two outliers
+    w = np.r_[np.ones(64), 0.0, 0.0]
+    got = fit_points(wild, w)
+    assert got.perimeter == pytest.approx(e.perimeter, rel=1e-9) and (got.cx, got.cy) == pytest.approx((120, 90))
+    assert abs(fit_points(wild).perimeter - e.perimeter) > 1.0  # unweighted, they pull the fit
+    plain, equal = fit_points(pts), fit_points(pts, np.full(64, 3.0))
+    assert equal.as_dict() == pytest.approx(plain.as_dict())
+    with pytest.raises(ValueError, match="one finite weight"):
+        fit_points(pts, np.ones(3))

@@ -77,22 +77,24 @@ def numeric_perimeter(a: float, b: float, n: int = 20000) -> float:
     return float(np.sum(np.hypot(a * np.sin(t), b * np.cos(t))) * 2 * math.pi / n)
 
 
-def fit_points(points_xy: np.ndarray) -> Ellipse:
-    """Least-squares ellipse through points given as (x, y).
+def fit_points(points_xy: np.ndarray, weights: np.ndarray | None = None) -> Ellipse:
+    """Least-squares ellipse through points given as (x, y), each point's squared residual times ``weights``.
 
     The algebraic fit of OpenCV's ``fitEllipse`` (general conic with the constant term fixed, then the
-    quadratic terms refitted about the conic's centre), in float64 numpy: the results match OpenCV's to
-    float32 precision.
+    quadratic terms refitted about the conic's centre), in float64 numpy: without weights the results
+    match OpenCV's to float32 precision.
     """
     pts = np.asarray(points_xy, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 5:
         raise ValueError("an ellipse needs at least 5 boundary points")
+    sw = np.ones(len(pts)) if weights is None else np.sqrt(np.asarray(weights, dtype=np.float64))
+    if sw.shape != (len(pts),) or not np.all(np.isfinite(sw)):
+        raise ValueError(f"need one finite weight >= 0 per point: {len(pts)} points, weights {np.shape(weights)}")
     origin = pts.mean(0)
     p = pts - origin
     scale = 1.0 / max(float(np.abs(p).mean()), 1e-12)  # conditioning only: the fit is scale-invariant
     x, y = p[:, 0] * scale, p[:, 1] * scale
-    ones = np.ones(len(p))
-    conic, _, rank, _ = np.linalg.lstsq(np.stack([-x * x, -y * y, -x * y, x, y], 1), ones, rcond=None)
+    conic, _, rank, _ = np.linalg.lstsq(np.stack([-x * x, -y * y, -x * y, x, y], 1) * sw[:, None], sw, rcond=None)
     if rank < 5:  # collinear or repeated points: no unique conic
         raise ValueError("the points do not outline an ellipse")
     try:
@@ -100,7 +102,7 @@ def fit_points(points_xy: np.ndarray) -> Ellipse:
     except np.linalg.LinAlgError:
         raise ValueError("the points do not outline an ellipse") from None
     u, v = x - centre[0], y - centre[1]
-    (qa, qb, qc), _, rank, _ = np.linalg.lstsq(np.stack([u * u, v * v, u * v], 1), ones, rcond=None)
+    (qa, qb, qc), _, rank, _ = np.linalg.lstsq(np.stack([u * u, v * v, u * v], 1) * sw[:, None], sw, rcond=None)
     if rank < 3:
         raise ValueError("the points do not outline an ellipse")
     # A u^2 + B v^2 + C uv = 1: eigenvalues of [[A, C/2], [C/2, B]] are 1/semi-axis^2

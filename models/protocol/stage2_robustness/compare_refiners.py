@@ -38,7 +38,7 @@ def with_passes(r: Refiner, n: int) -> Refiner:
 
 
 torch.set_num_threads(2)
-shipped = Measurer("models/fetalhc_default.pt", "cpu")
+shipped = Measurer("models/protocol/fetalhc_protocol.pt", "cpu")
 F, W = shipped.model.fetalhc_refiner, Measurer(sys.argv[1], "cpu").model.fetalhc_refiner
 W1, F2 = with_passes(W, 1), with_passes(F, 2)
 ways = {"shipped": lambda p, e: refine_points(F, p, e)[0], "wide": lambda p, e: refine_points(W, p, e)[0],

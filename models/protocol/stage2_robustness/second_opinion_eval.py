@@ -14,7 +14,7 @@ from fetalhc.pipeline import Measurer
 from fetalhc.protocol import protocol_split, refiner_validation_images
 
 torch.set_num_threads(2)
-m = Measurer("models/fetalhc_default.pt", "cpu")
+m = Measurer("models/protocol/fetalhc_protocol.pt", "cpu")
 shipped, wide = m.model.fetalhc_refiner, Measurer(sys.argv[1], "cpu").model.fetalhc_refiner
 recs = [r for r in hc18.read_records("../shared/hc18") if r.annotation is not None]
 names = [r.name for r in recs]

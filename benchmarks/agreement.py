@@ -22,8 +22,7 @@ import torch
 from fetalhc import hc18
 from fetalhc.io import Spacing
 from fetalhc.pipeline import Measurer
-
-GROSS_MM = 8.0
+from fetalhc.protocol import GROSS_MM
 
 
 def measure_all(measurer: Measurer, records) -> list[dict]:

@@ -26,38 +26,33 @@ import numpy as np
 import torch
 
 from fetalhc import hc18
-from fetalhc.geometry import Ellipse, fit_points, largest_component
+from fetalhc.evaluate import compare, summarise
+from fetalhc.geometry import Ellipse, fit_mask, fit_points
 from fetalhc.io import Spacing
-from fetalhc.pipeline import Measurer, candidates
-from fetalhc.protocol import refiner_validation_images
-from fetalhc.refine import fractions, inside_image, ray_points, unwrap
-from fetalhc.result import measure_region
+from fetalhc.pipeline import Measurer, measure_image
+from fetalhc.protocol import GROSS_MM, refiner_validation_images
+from fetalhc.refine import fractions, ray_confidence, ray_points, unwrap, visible
 
 SCALES = (0.96, 1.0, 1.04)
 
 
-def readout(prob: np.ndarray, s: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
-    """Radial fraction per ray and its confidence (probability mass within 2 rows of the peak)."""
-    rows = np.arange(len(s))[:, None]
-    conf = (prob * (np.abs(rows - prob.argmax(0)[None]) <= 2)).sum(0)
-    if how == "median":
-        c = prob.cumsum(0)
-        j = np.clip((c < 0.5).sum(0), 1, len(s) - 1)
-        cols = np.arange(prob.shape[1])
-        lo, hi = c[j - 1, cols], c[j, cols]
-        return s[j - 1] + (0.5 - lo) / np.maximum(hi - lo, 1e-9) * (s[1] - s[0]), conf
-    return (prob * s[:, None]).sum(0), conf
+def radius(prob: torch.Tensor, s: np.ndarray, how: str) -> np.ndarray:
+    """Radial fraction per ray: the mean of its distribution over rows (as shipped) or its median."""
+    if how == "mean":
+        return (prob.numpy() * s[:, None]).sum(0)
+    c = prob.numpy().cumsum(0)
+    j = np.clip((c < 0.5).sum(0), 1, len(s) - 1)
+    cols = np.arange(c.shape[1])
+    lo, hi = c[j - 1, cols], c[j, cols]
+    return s[j - 1] + (0.5 - lo) / np.maximum(hi - lo, 1e-9) * (s[1] - s[0])
 
 
 def outline(refiners, pixels, e: Ellipse, how: str):
-    """Points inside the image and their confidences, read from ``e`` by the mean of the refiners' distributions."""
+    """Visible points and their confidences, read from ``e`` by the mean of the refiners' distributions."""
     cfg = refiners[0].cfg
     polar = torch.from_numpy(unwrap(pixels, e, cfg))
-    prob = sum(r.read(polar) for r in refiners).numpy() / len(refiners)
-    s, conf = readout(prob, fractions(cfg), how)
-    pts = ray_points(e, s, cfg)
-    inside = inside_image(pts, pixels.shape)
-    return (pts[inside], conf[inside]) if inside.sum() >= 8 else (pts, conf)
+    prob = sum(r.read(polar) for r in refiners) / len(refiners)
+    return visible(ray_points(e, radius(prob, fractions(cfg), how), cfg), ray_confidence(prob).numpy(), pixels.shape)
 
 
 def refined(refiners, pixels, start: Ellipse, how="mean", weight_power=0, starts=(1.0,), last_scales=(1.0,)) -> Ellipse:
@@ -74,19 +69,19 @@ def refined(refiners, pixels, start: Ellipse, how="mean", weight_power=0, starts
     return fit(np.concatenate([p for p, _ in pooled]), np.concatenate([c for _, c in pooled]))
 
 
-def first_ellipse(model, pixels, pixel_mm) -> Ellipse | None:
-    for soft, _ in candidates(model, pixels)[:1]:
-        if (soft >= 0.5).sum() >= 20:
-            return measure_region(largest_component(soft >= 0.5), Spacing(pixel_mm, pixel_mm, "HC18 CSV"),
-                                  soft=soft).ellipse_px
-    return None
+def first_ellipse(model, pixels, spacing: Spacing) -> Ellipse | None:
+    """The pipeline's first-stage ellipse of the best detection (second stage detached, no runner-up)."""
+    refiner, model.fetalhc_refiner = model.fetalhc_refiner, None
+    try:
+        return measure_image(model, pixels, spacing, runner_up=False).ellipse_px
+    finally:
+        model.fetalhc_refiner = refiner
 
 
-def summary(err: list[float]) -> dict:
-    e = np.array(err)
-    a = np.abs(e)
-    return {"n": len(e), "adf_mm": float(a.mean()), "median_mm": float(np.median(a)), "p95_mm": float(np.percentile(a, 95)),
-            "worst_mm": float(a.max()), "df_mm": float(e.mean()), "over_8mm": int((a > 8).sum()), "over_4mm": int((a > 4).sum())}
+def summary(rows: list[dict]) -> dict:
+    """The challenge metrics of :func:`fetalhc.evaluate.summarise`, and how many errors exceed 8 and 4 mm."""
+    return {**summarise(rows), "over_8mm": sum(r["adf_mm"] > GROSS_MM for r in rows),
+            "over_4mm": sum(r["adf_mm"] > 4 for r in rows)}
 
 
 def main() -> int:
@@ -101,8 +96,11 @@ def main() -> int:
     records = [r for r in hc18.read_records(args.hc18) if r.annotation is not None]
     measurers = [Measurer(m, "cpu") for m in args.models]
     val = set(refiner_validation_images(measurers[0].meta, [r.name for r in records]))
-    images = [(r, hc18.read_grey(r.image)) for r in records if r.name in val]
-    gt = [(hc18.gt_ellipse(r).perimeter * r.pixel_mm) for r, _ in images]
+    images = []
+    for r in (r for r in records if r.name in val):
+        pixels, spacing = hc18.read_grey(r.image), Spacing(r.pixel_mm, r.pixel_mm, "HC18 CSV")
+        gt = hc18.gt_mask(r, pixels.shape)
+        images.append((pixels, spacing, gt, fit_mask(gt, spacing.as_tuple())[1]))
     other = Measurer(args.ensemble_with, "cpu").model.fetalhc_refiner if args.ensemble_with else None
     variants = {"shipped: mean radius, plain fit": {},
                 "fit weighted by ray confidence": {"weight_power": 1},
@@ -110,24 +108,27 @@ def main() -> int:
                 "median radius": {"how": "median"},
                 "three starts x 0.96 / 1 / 1.04, pooled": {"starts": SCALES},
                 "last pass from three scales, pooled": {"last_scales": SCALES}}
-    lines = ["| first stage | second stage reading | ADF (mm) | median | p95 | worst | DF | > 8 mm | > 4 mm |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| first stage | second stage reading | ADF (mm) | median | p95 | worst | DF | Dice (%) | > 8 mm | > 4 mm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     out = {}
+
+    def rows_of(ellipses):
+        return [compare(e.to_mm(sp.as_tuple()), gt_mm, e, gt) for e, (_, sp, gt, gt_mm) in zip(ellipses, images)]
+
     for path, m in zip(args.models, measurers):
-        starts = [first_ellipse(m.model, px, r.pixel_mm) for r, px in images]
-        if any(s is None for s in starts):
-            print(f"{path}: no head on {sum(s is None for s in starts)} images; they are left out", file=sys.stderr)
+        starts = [first_ellipse(m.model, px, sp) for px, sp, _, _ in images]
+        if any(s is None for s in starts):  # compare() needs an ellipse; a missed head would need HC 0
+            raise SystemExit(f"{path}: no head on {sum(s is None for s in starts)} development images")
         runs = {k: ([m.model.fetalhc_refiner], v) for k, v in variants.items()}
         if other is not None:
             runs[f"mean of its and {args.ensemble_with}'s distributions"] = ([m.model.fetalhc_refiner, other], {})
-        stage1 = [s.perimeter * r.pixel_mm - g for s, (r, _), g in zip(starts, images, gt) if s is not None]
-        rows = {"stage 1 alone": summary(stage1)}
+        rows = {"stage 1 alone": summary(rows_of(starts))}
         for label, (refs, kw) in runs.items():
-            rows[label] = summary([refined(refs, px, s, **kw).perimeter * r.pixel_mm - g
-                                   for s, (r, px), g in zip(starts, images, gt) if s is not None])
+            rows[label] = summary(rows_of([refined(refs, px, s, **kw) for s, (px, _, _, _) in zip(starts, images)]))
         for label, s in rows.items():
-            lines.append(f"| {path} | {label} | {s['adf_mm']:.3f} | {s['median_mm']:.2f} | {s['p95_mm']:.2f} | "
-                         f"{s['worst_mm']:.2f} | {s['df_mm']:+.2f} | {s['over_8mm']} | {s['over_4mm']} |")
+            a = s["adf_mm"]
+            lines.append(f"| {path} | {label} | {a['mean']:.3f} | {a['median']:.2f} | {a['p95']:.2f} | {a['worst']:.2f} | "
+                         f"{s['df_mm']['mean']:+.2f} | {100 * s['dice']['mean']:.2f} | {s['over_8mm']} | {s['over_4mm']} |")
             print(lines[-1], flush=True)
         out[path] = rows
     print(f"\n{len(images)} development validation images\n" + "\n".join(lines))

@@ -82,6 +82,18 @@ def inside_image(pts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return (pts[:, 0] >= 0) & (pts[:, 1] >= 0) & (pts[:, 0] <= w - 1) & (pts[:, 1] <= h - 1)
 
 
+def visible(pts: np.ndarray, conf: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The points inside the image and their confidences; all of them when fewer than 8 are inside."""
+    inside = inside_image(pts, shape)
+    return (pts[inside], conf[inside]) if inside.sum() >= 8 else (pts, conf)
+
+
+def ray_confidence(prob: torch.Tensor) -> torch.Tensor:
+    """Per column of a distribution over rows (R, A): the probability mass within 2 rows of its peak."""
+    rows = torch.arange(prob.shape[0])[:, None]
+    return (prob * ((rows - prob.argmax(0)[None]).abs() <= 2)).sum(0)
+
+
 def ray_crossings(e: Ellipse, target: Ellipse, cfg: RefinerConfig) -> np.ndarray:
     """Radial fraction where each ray of ``e`` leaves ``target`` (NaN where its centre is outside it)."""
     d = ray_directions(e, cfg)
@@ -143,10 +155,7 @@ class Refiner:
         """Outline points (n_angles, 2) and each point's confidence (probability mass within 2 rows)."""
         prob = self.read(torch.from_numpy(unwrap(pixels, e, self.cfg)))
         s = (prob * self._s[:, None]).sum(0)
-        idx = prob.argmax(0)
-        rows = torch.arange(self.cfg.n_radii)[:, None]
-        conf = (prob * ((rows - idx[None]).abs() <= 2)).sum(0)
-        return ray_points(e, s.numpy(), self.cfg), conf.numpy()
+        return ray_points(e, s.numpy(), self.cfg), ray_confidence(prob).numpy()
 
     @torch.no_grad()
     def read(self, polar: torch.Tensor) -> torch.Tensor:
@@ -178,10 +187,7 @@ def refine_points(refiner: Refiner, pixels: np.ndarray, start: Ellipse) -> tuple
     (each pass re-centres the polar unwrapping on the previous pass's ellipse)."""
     e = start
     for k in range(refiner.cfg.passes):
-        pts, conf = refiner.outline(pixels, e)
-        inside = inside_image(pts, pixels.shape)
-        if inside.sum() >= 8:  # a head cut by the border: fit the visible part only
-            pts, conf = pts[inside], conf[inside]
+        pts, conf = visible(*refiner.outline(pixels, e), pixels.shape)  # a head cut by the border: its visible part
         if k + 1 < refiner.cfg.passes:
             e = fit_points(pts)
     return pts, conf

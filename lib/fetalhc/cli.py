@@ -145,7 +145,8 @@ def _train_refiner(args) -> int:
                            wide_fraction=args.wide_fraction, oversample_small=args.oversample_small)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
                             cfg=RefinerConfig(passes=args.passes,
-                                              **({} if args.span is None else {"span": args.span})), tc=tc,
+                                              **{k: v for k, v in (("span", args.span), ("depth", args.depth))
+                                                 if v is not None}), tc=tc,
                             fine_tune=not args.from_scratch,
                             resume=args.resume,
                             progress=lambda r: print(_refine_line(r, args.iters), flush=True),
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "development images; a fine-tune keeps the checkpoint's)")
     f.add_argument("--span", type=float, help="radial search window: the first-stage radius x "
                                               "[1 - span, 1 + span] (default: fetalhc.refine.RefinerConfig's)")
+    f.add_argument("--depth", type=int, help="U-Net levels of a new second stage, 2-5 "
+                                             "(default: fetalhc.refine.RefinerConfig's; a fine-tune keeps the checkpoint's)")
     f.add_argument("--wide-fraction", type=float, default=0.0,
                    help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
     f.add_argument("--oversample-small", type=float, default=1.0,

@@ -31,13 +31,16 @@ class RefinerConfig:
     span: float = 0.45  # radial window: the first-stage radius x [1 - span, 1 + span] (0.45 beat 0.3, development)
     supersample: tuple = (2, 3)  # (radial, angular) samples averaged per polar cell: less speckle
     width: int = 16  # channels of the first level; doubled per level
+    depth: int = 3  # U-Net levels; each one more halves the polar grid again and widens what a ray's reading sees
     passes: int = 3  # unwrap again around the refined ellipse (3 beat 1 and 2: benchmarks/refiner_settings.py)
     flip_average: bool = False  # also read the polar image mirrored along the angle (no gain on development images)
 
     def __post_init__(self):
-        if not 0 < self.span < 1 or self.passes < 1 or self.n_radii < 2 or self.n_angles < 8:
+        if (not 0 < self.span < 1 or self.passes < 1 or self.n_radii < 2 or self.n_angles < 8
+                or not 2 <= self.depth <= 5):
             raise ValueError(f"refiner settings out of range: span {self.span} (needs 0 < span < 1), passes "
-                             f"{self.passes} (>= 1), {self.n_radii} radii (>= 2), {self.n_angles} angles (>= 8)")
+                             f"{self.passes} (>= 1), {self.n_radii} radii (>= 2), {self.n_angles} angles (>= 8), "
+                             f"depth {self.depth} (2-5)")
 
 
 def fractions(cfg: RefinerConfig) -> np.ndarray:
@@ -123,15 +126,15 @@ class CircularConv(nn.Conv2d):
 
 
 class OutlineNet(nn.Module):
-    """Three-level U-Net on the polar image: logits (B, n_radii, n_angles), softmax over the radius."""
+    """U-Net of ``cfg.depth`` levels on the polar image: logits (B, n_radii, n_angles), softmax over the radius."""
 
     def __init__(self, cfg: RefinerConfig):
         super().__init__()
-        w = cfg.width
+        ch = [cfg.width * 2 ** i for i in range(cfg.depth)]  # channels per level
         self.cfg = cfg
-        self.enc = nn.ModuleList([_block(1, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
-        self.dec = nn.ModuleList([_block(6 * w, 2 * w), _block(3 * w, w)])
-        self.head = nn.Conv2d(w, 1, 1)
+        self.enc = nn.ModuleList([_block(cin, cout) for cin, cout in zip([1] + ch[:-1], ch)])
+        self.dec = nn.ModuleList([_block(ch[i + 1] + ch[i], ch[i]) for i in reversed(range(cfg.depth - 1))])
+        self.head = nn.Conv2d(ch[0], 1, 1)
 
     def forward(self, x):  # x: (B, 1, R, A)
         skips = []

@@ -122,6 +122,25 @@ def test_mirror_averaging_makes_the_reading_mirror_symmetric():
     assert torch.allclose(averaged.read(x).sum(0), torch.ones(net.cfg.n_angles), atol=1e-5)
 
 
+def test_depth_sets_the_unet_levels_and_a_checkpoint_without_it_loads_as_three_levels():
+    torch.manual_seed(0)
+    x = torch.from_numpy(unwrap(ring_image(Ellipse.make(200, 150, 90, 60, 0.3)), Ellipse.make(205, 148, 95, 57, 0.35),
+                                CFG))
+    old = Refiner(OutlineNet(RefinerConfig(width=8)))
+    blob = old.to_blob()
+    del blob["config"]["depth"]  # written before depth was a setting
+    again = Refiner.from_blob(blob)  # strict load: the same layers as before
+    assert again.cfg.depth == 3 and torch.equal(again.read(x), old.read(x))
+    deep = Refiner(OutlineNet(RefinerConfig(width=8, depth=4)))
+    assert len(deep.net.enc) == 4 and len(deep.net.dec) == 3
+    assert torch.equal(Refiner.from_blob(deep.to_blob()).read(x), deep.read(x))
+    odd = OutlineNet(RefinerConfig(width=8, depth=4, n_radii=60, n_angles=50))  # not a multiple of 8
+    assert odd(torch.zeros(1, 1, 60, 50)).shape == (1, 60, 50)
+    for bad in (1, 6):
+        with pytest.raises(ValueError, match=f"depth {bad}"):
+            RefinerConfig(depth=bad)
+
+
 def test_checkpoint_carries_both_stages_and_the_pipeline_uses_them(tmp_path):
     torch.manual_seed(0)
     model = build_model()
@@ -171,3 +190,26 @@ def test_wide_starts_and_small_head_oversampling_in_training_batches():
         RefineTrainConfig(wide_fraction=1.5)
     with pytest.raises(ValueError, match="start spreads"):
         RefineTrainConfig(size_sd=0.0)
+
+
+def test_degraded_training_images_keep_the_ring_darken_a_sector_and_stay_standardised():
+    from fetalhc.refine_train import degrade, make_batch
+    e = Ellipse.make(200, 150, 90, 60, 0.3)
+    raw = unwrap(ring_image(e), e, CFG, standardised=False)
+    assert np.allclose(unwrap(ring_image(e), e, CFG), (raw - raw.mean()) / (raw.std() + 1e-3), atol=1e-5)
+    profile = raw.mean(1)
+    ring = set(np.flatnonzero(profile > (profile.max() + profile.min()) / 2).tolist())  # the skull's rows
+    shadows = 0
+    for seed in range(30):
+        q = degrade(raw.copy(), np.random.default_rng(seed))
+        assert q.shape == raw.shape and q.dtype == np.float32 and np.isfinite(q).all()
+        assert int(q.mean(1).argmax()) in ring  # the skull stays where the target says
+        col = q.mean(0)
+        shadows += col.min() < 0.85 * np.median(col)
+    assert 5 < shadows < 25  # about half of them
+    samples = [RefineSample(ring_image(e, seed=k), e, 0.2) for k in range(3)]
+    x, row, w = make_batch(samples, np.random.default_rng(0), CFG,
+                           RefineTrainConfig(batch_size=4, polar_augment=True))
+    assert x.shape == (4, 1, CFG.n_radii, CFG.n_angles) and torch.isfinite(x).all()
+    assert torch.allclose(x.mean((1, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(x.std((1, 2, 3)), torch.ones(4), atol=0.02)

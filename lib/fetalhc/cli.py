@@ -125,6 +125,8 @@ def _train_refiner(args) -> int:
     from .refine_train import RefineTrainConfig, refine_checkpoint
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    cfg = RefinerConfig(passes=args.passes, **{k: v for k, v in (("span", args.span), ("depth", args.depth))
+                                               if v is not None})  # bad settings fail before any image is read
     samples = hc18_samples(args.hc18)
     if args.protocol:
         from .protocol import protocol_split
@@ -142,11 +144,10 @@ def _train_refiner(args) -> int:
     tc = RefineTrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            size_sd=base.size_sd * k, aspect_sd=base.aspect_sd * k, shift_sd=base.shift_sd * k,
                            angle_sd=base.angle_sd * k,
-                           wide_fraction=args.wide_fraction, oversample_small=args.oversample_small)
+                           wide_fraction=args.wide_fraction, oversample_small=args.oversample_small,
+                           polar_augment=args.polar_augment)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
-                            cfg=RefinerConfig(passes=args.passes,
-                                              **{k: v for k, v in (("span", args.span), ("depth", args.depth))
-                                                 if v is not None}), tc=tc,
+                            cfg=cfg, tc=tc,
                             fine_tune=not args.from_scratch,
                             resume=args.resume,
                             progress=lambda r: print(_refine_line(r, args.iters), flush=True),
@@ -348,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "development images; a fine-tune keeps the checkpoint's)")
     f.add_argument("--span", type=float, help="radial search window: the first-stage radius x "
                                               "[1 - span, 1 + span] (default: fetalhc.refine.RefinerConfig's)")
-    f.add_argument("--depth", type=int, help="U-Net levels of a new second stage, 2-5 "
-                                             "(default: fetalhc.refine.RefinerConfig's; a fine-tune keeps the checkpoint's)")
+    f.add_argument("--depth", type=int, help="U-Net levels of a new second stage, 2-5 (default: "
+                                             "fetalhc.refine.RefinerConfig's; a fine-tune keeps the checkpoint's)")
     f.add_argument("--wide-fraction", type=float, default=0.0,
                    help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
     f.add_argument("--oversample-small", type=float, default=1.0,
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--start-spread", type=float, default=1.0,
                    help="scale of the training starts' perturbations (size, aspect, centre, angle) against the "
                         "default's; below 1 for a first stage that misses by less (default 1)")
+    f.add_argument("--polar-augment", action="store_true",
+                   help="also train on polar images degraded as ultrasound hides a skull: grey response, acoustic "
+                        "shadows, speckle (fetalhc.refine_train.degrade)")
     f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
     f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
     f.add_argument("--threads", type=int, help="CPU threads for torch")

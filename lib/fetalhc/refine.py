@@ -58,13 +58,18 @@ def polar_grid(e: Ellipse, cfg: RefinerConfig) -> tuple[np.ndarray, np.ndarray]:
     return (e.cx + s * d[None, :, 0]).astype(np.float32), (e.cy + s * d[None, :, 1]).astype(np.float32)
 
 
-def unwrap(pixels: np.ndarray, e: Ellipse, cfg: RefinerConfig) -> np.ndarray:
-    """Polar image (n_radii, n_angles), float32, standardised; outside the image reads as 0 before that."""
+def unwrap(pixels: np.ndarray, e: Ellipse, cfg: RefinerConfig, standardised: bool = True) -> np.ndarray:
+    """Polar image (n_radii, n_angles), float32, standardised (or in the image's grey levels); outside the
+    image reads as 0 before that."""
     gx, gy = polar_grid(e, cfg)
     sr, sa = cfg.supersample
     p = cv2.remap(np.ascontiguousarray(pixels, np.float32), gx, gy, cv2.INTER_LINEAR,
                   borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
     p = p.reshape(cfg.n_radii, sr, cfg.n_angles, sa).mean((1, 3))
+    return standardise(p) if standardised else p
+
+
+def standardise(p: np.ndarray) -> np.ndarray:
     return ((p - p.mean()) / (p.std() + 1e-3)).astype(np.float32)
 
 

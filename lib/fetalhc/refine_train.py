@@ -22,7 +22,7 @@ import torch
 from .data import small_head_weights
 from .geometry import Ellipse, fit_mask, fit_points
 from .refine import (OutlineNet, Refiner, RefinerConfig, inside_image, ray_crossings, ray_points, refine_points,
-                     unwrap)
+                     standardise, unwrap)
 
 
 @dataclass
@@ -56,6 +56,7 @@ class RefineTrainConfig:
     wide_fraction: float = 0.0  # share of starts drawn with wide_scale x those spreads: stage 1's rare gross misses
     wide_scale: float = 3.0
     oversample_small: float = 1.0  # draw heads under data.SMALL_HEAD_MM this many times as often
+    polar_augment: bool = False  # also degrade the polar image as ultrasound hides a skull (see ``degrade``)
 
     def __post_init__(self):
         spreads = (self.size_sd, self.aspect_sd, self.shift_sd, self.angle_sd)
@@ -66,8 +67,10 @@ class RefineTrainConfig:
                              f"oversample_small {self.oversample_small} (>= 1), start spreads {spreads} (> 0)")
 
 
-# The RefineTrainConfig fields that say which starts and heads the refiner learns from (kept by a fine-tune).
-START_RECIPE = ("size_sd", "aspect_sd", "shift_sd", "angle_sd", "wide_fraction", "wide_scale", "oversample_small")
+# The RefineTrainConfig fields that say which starts, heads and images the refiner learns from (kept by a
+# fine-tune).
+START_RECIPE = ("size_sd", "aspect_sd", "shift_sd", "angle_sd", "wide_fraction", "wide_scale", "oversample_small",
+                "polar_augment")
 
 
 def perturb(gt: Ellipse, rng: np.random.Generator, c: RefineTrainConfig) -> Ellipse:
@@ -107,6 +110,21 @@ def _orient(pixels: np.ndarray, e: Ellipse, rng: np.random.Generator) -> tuple[n
     return np.ascontiguousarray(pixels), e
 
 
+def degrade(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A polar image in grey levels, degraded the ways ultrasound hides a skull: another grey response
+    (gamma), an acoustic shadow over a sector of rays (half the time) and speckle (half the time). The
+    target outline stays where it was, so the network learns to carry it through, as an annotator does.
+    (Standardisation undoes a plain gain, so the thesis's intensity scaling alone changes little here.)"""
+    p = 255.0 * (np.clip(p, 0.0, 255.0) / 255.0) ** math.exp(rng.uniform(-0.4, 0.4))
+    n = p.shape[1]
+    if rng.random() < 0.5:
+        cols = (int(rng.integers(n)) + np.arange(max(1, int(rng.uniform(0.05, 0.3) * n)))) % n
+        p[:, cols] *= rng.uniform(0.2, 0.8)
+    if rng.random() < 0.5:
+        p = p * (1.0 + rng.normal(0.0, rng.uniform(0.05, 0.3), p.shape))
+    return p.astype(np.float32)
+
+
 def make_batch(samples: list[RefineSample], rng: np.random.Generator, cfg: RefinerConfig, tc: RefineTrainConfig):
     xs, rows, ws = [], [], []
     for i in draw(samples, rng, tc):
@@ -115,10 +133,11 @@ def make_batch(samples: list[RefineSample], rng: np.random.Generator, cfg: Refin
         start = perturb(gt, rng, tc)
         gain = rng.uniform(0.8, 1.5)  # the thesis's intensity augmentation
         img = np.minimum(pixels.astype(np.float32) * gain, 255.0)
-        x = unwrap(img, start, cfg)
+        x = unwrap(img, start, cfg, standardised=not tc.polar_augment)
+        if tc.polar_augment:
+            x = standardise(degrade(x, rng))
         if rng.random() < 0.5:  # blur, in the polar image (cheaper than blurring the whole frame)
-            x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.5), borderType=cv2.BORDER_REFLECT)
-            x = (x - x.mean()) / (x.std() + 1e-3)
+            x = standardise(cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.5), borderType=cv2.BORDER_REFLECT))
         xs.append(x)
         r, w = targets(start, gt, pixels.shape, cfg)
         rows.append(r)

@@ -125,8 +125,8 @@ def _train_refiner(args) -> int:
     from .refine_train import RefineTrainConfig, refine_checkpoint
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = RefinerConfig(passes=args.passes, **{k: v for k, v in (("span", args.span), ("depth", args.depth))
-                                               if v is not None})  # bad settings fail before any image is read
+    chosen = (("span", args.span), ("depth", args.depth), ("n_radii", args.radii))
+    cfg = RefinerConfig(passes=args.passes, **{k: v for k, v in chosen if v is not None})  # before reading images
     samples = hc18_samples(args.hc18)
     if args.protocol:
         from .protocol import protocol_split
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "[1 - span, 1 + span] (default: fetalhc.refine.RefinerConfig's)")
     f.add_argument("--depth", type=int, help="U-Net levels of a new second stage, 2-5 (default: "
                                              "fetalhc.refine.RefinerConfig's; a fine-tune keeps the checkpoint's)")
+    f.add_argument("--radii", type=int, help="rows of a new second stage's polar image across the window "
+                                             "(default: fetalhc.refine.RefinerConfig's n_radii)")
     f.add_argument("--wide-fraction", type=float, default=0.0,
                    help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
     f.add_argument("--oversample-small", type=float, default=1.0,

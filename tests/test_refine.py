@@ -213,3 +213,14 @@ def test_degraded_training_images_keep_the_ring_darken_a_sector_and_stay_standar
     assert x.shape == (4, 1, CFG.n_radii, CFG.n_angles) and torch.isfinite(x).all()
     assert torch.allclose(x.mean((1, 2, 3)), torch.zeros(4), atol=1e-4)
     assert torch.allclose(x.std((1, 2, 3)), torch.ones(4), atol=0.02)
+
+
+def test_ray_confidence_counts_the_same_radial_band_on_any_grid():
+    from fetalhc.refine import fractions, ray_confidence
+    confidences = []
+    for cfg in (RefinerConfig(), RefinerConfig(n_radii=128)):
+        s = torch.from_numpy(fractions(cfg)).float()[:, None]
+        prob = torch.exp(-0.5 * ((s - 1.0) / 0.02) ** 2).expand(-1, 4)  # the same head edge, sd 2 % of the radius
+        confidences.append(ray_confidence(prob / prob.sum(0), cfg))
+    assert torch.allclose(confidences[0], confidences[1], atol=0.03), confidences
+    assert 0.85 < float(confidences[0][0]) < 0.95  # the peak row +-2 rows (+-4): ~1.8 sd either side

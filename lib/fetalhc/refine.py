@@ -96,10 +96,16 @@ def visible(pts: np.ndarray, conf: np.ndarray, shape: tuple[int, int]) -> tuple[
     return (pts[inside], conf[inside]) if inside.sum() >= 8 else (pts, conf)
 
 
-def ray_confidence(prob: torch.Tensor) -> torch.Tensor:
-    """Per column of a distribution over rows (R, A): the probability mass within 2 rows of its peak."""
+# ray_confidence counts the probability within this radial fraction of the peak: 2 rows of the default
+# grid (64 rows over +-45 %), the same distance on any grid, so that one QC threshold fits every grid.
+CONFIDENCE_BAND = 0.0286
+
+
+def ray_confidence(prob: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
+    """Per column of a distribution over rows (R, A): the probability mass within ``CONFIDENCE_BAND`` of its peak."""
+    band = round(CONFIDENCE_BAND * (cfg.n_radii - 1) / (2 * cfg.span))
     rows = torch.arange(prob.shape[0])[:, None]
-    return (prob * ((rows - prob.argmax(0)[None]).abs() <= 2)).sum(0)
+    return (prob * ((rows - prob.argmax(0)[None]).abs() <= band)).sum(0)
 
 
 def ray_crossings(e: Ellipse, target: Ellipse, cfg: RefinerConfig) -> np.ndarray:
@@ -160,10 +166,10 @@ class Refiner:
 
     @torch.no_grad()
     def outline(self, pixels: np.ndarray, e: Ellipse) -> tuple[np.ndarray, np.ndarray]:
-        """Outline points (n_angles, 2) and each point's confidence (probability mass within 2 rows)."""
+        """Outline points (n_angles, 2) and each point's confidence (``ray_confidence``)."""
         prob = self.read(torch.from_numpy(unwrap(pixels, e, self.cfg)))
         s = (prob * self._s[:, None]).sum(0)
-        return ray_points(e, s.numpy(), self.cfg), ray_confidence(prob).numpy()
+        return ray_points(e, s.numpy(), self.cfg), ray_confidence(prob, self.cfg).numpy()
 
     @torch.no_grad()
     def read(self, polar: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ def outline(refiners, pixels, e: Ellipse, how: str):
     cfg = refiners[0].cfg
     polar = torch.from_numpy(unwrap(pixels, e, cfg))
     prob = sum(r.read(polar) for r in refiners) / len(refiners)
-    return visible(ray_points(e, radius(prob, fractions(cfg), how), cfg), ray_confidence(prob, cfg).numpy(), pixels.shape)
+    pts = ray_points(e, radius(prob, fractions(cfg), how), cfg)
+    return visible(pts, ray_confidence(prob, cfg).numpy(), pixels.shape)
 
 
 def refined(refiners, pixels, start: Ellipse, how="mean", weight_power=0, starts=(1.0,), last_scales=(1.0,)) -> Ellipse:

@@ -109,8 +109,8 @@ def main() -> int:
                 "median radius": {"how": "median"},
                 "three starts x 0.96 / 1 / 1.04, pooled": {"starts": SCALES},
                 "last pass from three scales, pooled": {"last_scales": SCALES}}
-    lines = ["| first stage | second stage reading | ADF (mm) | median | p95 | worst | DF | Dice (%) | > 8 mm | > 4 mm |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| first stage | second stage reading | ADF (mm) | median | p95 | worst | DF | Dice (%) | > 8 mm "
+             "| > 4 mm |", "|---|---|---|---|---|---|---|---|---|---|"]
     out = {}
 
     def rows_of(ellipses):
@@ -128,8 +128,9 @@ def main() -> int:
             rows[label] = summary(rows_of([refined(refs, px, s, **kw) for s, (px, _, _, _) in zip(starts, images)]))
         for label, s in rows.items():
             a = s["adf_mm"]
-            lines.append(f"| {path} | {label} | {a['mean']:.3f} | {a['median']:.2f} | {a['p95']:.2f} | {a['worst']:.2f} | "
-                         f"{s['df_mm']['mean']:+.2f} | {100 * s['dice']['mean']:.2f} | {s['over_8mm']} | {s['over_4mm']} |")
+            lines.append(f"| {path} | {label} | {a['mean']:.3f} | {a['median']:.2f} | {a['p95']:.2f} | "
+                         f"{a['worst']:.2f} | {s['df_mm']['mean']:+.2f} | {100 * s['dice']['mean']:.2f} | "
+                         f"{s['over_8mm']} | {s['over_4mm']} |")
             print(lines[-1], flush=True)
         out[path] = rows
     print(f"\n{len(images)} development validation images\n" + "\n".join(lines))

@@ -207,14 +207,17 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="write the training and test images for the GPU machine")
     p.add_argument("hc18")
-    p.add_argument("--model", default="models/protocol/fetalhc_protocol.pt", help="whose stage-1 training images to take (the protocol model: restore it as models/protocol/README.md says)")
+    p.add_argument("--model", default="models/protocol/fetalhc_protocol.pt",
+                   help="whose stage-1 training images to take (the protocol model: restore it as "
+                        "models/protocol/README.md says)")
     p.add_argument("--out", default=".gpu_pack")
     p.add_argument("--jpeg-quality", type=int, default=92)
     p.set_defaults(func=pack)
     r = sub.add_parser("run", help="train the thesis config for a fixed budget and score it (GPU machine)")
     r.add_argument("pack")
     r.add_argument("--out", required=True)
-    r.add_argument("--model", default="models/protocol/fetalhc_protocol.pt", help="the protocol model (its second stage; restore it as models/protocol/README.md says)")
+    r.add_argument("--model", default="models/protocol/fetalhc_protocol.pt",
+                   help="the protocol model (its second stage; restore it as models/protocol/README.md says)")
     r.add_argument("--work", help="keep the unpacked images and checkpoints here (default: a temporary folder)")
     r.add_argument("--budget-s", type=float, default=390.0, help="training wall time after the probe epoch")
     r.add_argument("--deadline-s", type=float, default=520.0, help="skip the shipped-model check after this")

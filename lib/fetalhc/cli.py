@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--depth", type=int, help="U-Net levels of a new second stage, 2-5 (default: "
                                              "fetalhc.refine.RefinerConfig's; a fine-tune keeps the checkpoint's)")
     f.add_argument("--radii", type=int, help="rows of a new second stage's polar image across the window "
-                                             "(default: fetalhc.refine.RefinerConfig's n_radii)")
+                                             "(default: fetalhc.refine.RefinerConfig's n_radii; a fine-tune "
+                                             "keeps the checkpoint's)")
     f.add_argument("--wide-fraction", type=float, default=0.0,
                    help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
     f.add_argument("--oversample-small", type=float, default=1.0,

@@ -166,6 +166,11 @@ def real_server(root: Path, studies: Path, *, env: dict | None = None, host: str
 
 
 def leftovers(folder: Path, before: set | None = None) -> list[str]:
-    """Files and folders under ``folder`` (minus ``before``), as relative paths."""
-    found = {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+    """Files and folders under ``folder`` (minus ``before``), as relative paths.
+
+    os.walk, not rglob: the server may remove a request folder while we list it,
+    and a folder that vanishes mid-walk is simply no longer a leftover."""
+    found = set()
+    for top, dirs, files in os.walk(folder):  # errors (vanished folders) are skipped
+        found.update(os.path.relpath(os.path.join(top, n), folder) for n in dirs + files)
     return sorted(found - (before or set()))

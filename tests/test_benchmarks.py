@@ -48,3 +48,32 @@ def test_agreement_benchmark_finds_silent_disagreements(samples_dir, default_mod
     s = json.loads(out.read_text())["summary"]
     assert s["images"] == 8 and s["with_hc"] == [8, 8] and s["abs_diff_median_mm"] == 0.0  # a model agrees with itself
     assert "median 0.00 mm" in run.stdout
+
+
+def test_shared_error_splits_what_checkpoints_share_from_what_they_do_not(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from shared_error import read_runs, shared_error
+
+    shared = [2.0, -1.0, 3.0, -4.0]  # the image's part: both checkpoints get it
+    own = [0.5, 0.5, -0.5, 1.0]  # the checkpoint's part: opposite signs, so the consensus is ``shared``
+    hc = [80.0, 150.0, 150.0, 250.0]
+
+    def rows(sign):
+        return [{"filename": f"{i}.png", "df_mm": s + sign * o, "hc_true_mm": h}
+                for i, (s, o, h) in enumerate(zip(shared, own, hc))]
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"m0.pt: both stages + runner-up": {"rows": rows(1)},
+                             "m0.pt: stage 1 alone": {"rows": rows(9)}}))
+    b.write_text(json.dumps({"m0.pt: both stages + runner-up": {"rows": rows(7)},  # seen in a.json already
+                             "m1.pt: both stages + runner-up": {"rows": rows(-1)}}))
+    runs = read_runs([str(a), str(b)])
+    assert list(runs) == ["m0.pt", "m1.pt"] and runs["m0.pt"]["0.png"]["df_mm"] == 2.5
+    s = shared_error(runs)
+    every = s["bins"]["all"]
+    assert every["adf_consensus"] == 2.5 and every["strays"] == 0.625  # mean |shared|, mean |own|
+    assert every["adf_each"] == [2.125, 2.875]
+    assert s["bins"]["> 200 mm"]["images"] == 1 and s["bins"]["> 200 mm"]["adf_consensus"] == 4.0
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "shared_error.py"), str(a)]  # one checkpoint: nothing to compare
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "at least two checkpoints" in run.stderr

@@ -174,3 +174,17 @@ def leftovers(folder: Path, before: set | None = None) -> list[str]:
     for top, dirs, files in os.walk(folder):  # errors (vanished folders) are skipped
         found.update(os.path.relpath(os.path.join(top, n), folder) for n in dirs + files)
     return sorted(found - (before or set()))
+
+
+def settled_leftovers(folder: Path, before: set | None = None, timeout: float = 10.0) -> list[str]:
+    """``leftovers`` once the server has removed the folders of requests that already answered.
+
+    The server removes a request's folder right after sending its response, so a client that has its
+    answer (the readiness probe included) can still see the folder for a moment. A folder that stays
+    past ``timeout`` is returned, so a real leftover still fails the test."""
+    deadline = time.time() + timeout
+    found = leftovers(folder, before)
+    while any(p.startswith("req-") for p in found) and time.time() < deadline:
+        time.sleep(0.1)
+        found = leftovers(folder, before)
+    return found

@@ -23,7 +23,7 @@ import requests
 
 from fetalhc import geometry, hc18
 from fetalhc.model import load_model
-from monailabel_support import DEFAULT_MODEL, SAMPLES, leftovers, make_studies, real_server
+from monailabel_support import DEFAULT_MODEL, SAMPLES, leftovers, make_studies, real_server, settled_leftovers
 
 N_REQUESTS = 300
 TIME_LIMIT_S = 150  # requests are sent until the plan is done or this limit is reached
@@ -154,9 +154,7 @@ def test_soak_mixed_requests_nothing_lost_nothing_left_served_model_complete(srv
     unexpected = [r for r in results if r["kind"] != "train" and r["status"] != expected[r["kind"]]]
     lat = [r["latency"] for r in results]
     infer_lat = [r["latency"] for r in results if r["kind"] in ("infer id", "infer upload")]
-    deadline = time.time() + 10  # the folder of the last request goes right after its response is sent
-    while (tmp_left := leftovers(srv["tmp"])) and time.time() < deadline:
-        time.sleep(0.2)
+    tmp_left = settled_leftovers(srv["tmp"])
     sys_left = leftovers(srv["systmp"], systmp_before)
     stray = [str(p.relative_to(studies)) for p in studies.rglob("*") if p.name.endswith(".tmp")]
     print(f"\nSOAK: {len(results)}/{len(plan)} requests in {wall:.1f} s ({WORKERS} clients, limit {TIME_LIMIT_S} s), "

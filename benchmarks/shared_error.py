@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def read_runs(paths: list[str]) -> dict[str, dict[str, dict]]:
     """checkpoint -> filename -> row, each checkpoint once (the first file that has it)."""
     runs: dict[str, dict[str, dict]] = {}
     for path in paths:
-        for key, block in json.load(open(path)).items():
+        for key, block in json.loads(Path(path).read_text()).items():
             ckpt, _, kind = key.partition(": ")
             if kind.startswith("both stages") and ckpt not in runs:
                 runs[ckpt] = {r["filename"]: r for r in block["rows"]}

@@ -26,6 +26,8 @@ def read_runs(paths: list[str]) -> dict[str, dict[str, dict]]:
         for key, block in json.loads(Path(path).read_text()).items():
             ckpt, _, kind = key.partition(": ")
             if kind.startswith("both stages") and ckpt not in runs:
+                if "rows" not in block:
+                    raise ValueError(f"{path}: '{key}' has no per-image rows (written by an older dev_compare.py)")
                 runs[ckpt] = {r["filename"]: r for r in block["rows"]}
     return runs
 

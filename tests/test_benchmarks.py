@@ -77,3 +77,7 @@ def test_shared_error_splits_what_checkpoints_share_from_what_they_do_not(tmp_pa
     cmd = [sys.executable, str(ROOT / "benchmarks" / "shared_error.py"), str(a)]  # one checkpoint: nothing to compare
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "at least two checkpoints" in run.stderr
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"m2.pt: both stages + runner-up": {"overall": {}}}))  # no per-image rows
+    run = subprocess.run(cmd[:-1] + [str(a), str(old)], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "no per-image rows" in run.stderr and "Traceback" not in run.stderr

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from fetalhc import hc18
-from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, protocol_split, protocol_summary,
-                              refiner_validation_images, seen_exams, seen_test_images)
+from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, mean_interval, protocol_split,
+                              protocol_summary, refiner_validation_images, seen_exams, seen_test_images)
 
 NAMES = [f"{e:03d}_{k}HC.png" for e in range(1, 101) for k in ("", "2")[: 1 + e % 2]]
 
@@ -63,6 +63,21 @@ def test_summary_counts_gross_errors_qc_passed_and_bins():
     assert s["overall"]["adf_mm"]["worst"] == pytest.approx(101)
     table = format_table(s, "t")
     assert "| < 100 mm | 2 |" in table and f"errors > {GROSS_MM:.0f} mm: 2, of which QC passed 1" in table
+    lo, hi = s["adf_mean_ci95_mm"]
+    assert 1 <= lo < s["overall"]["adf_mm"]["mean"] < hi <= 101 and s["exams"] == 5
+    assert s["dice_mean_ci95"] == pytest.approx([0.97, 0.97])  # every image the same: no spread
+    assert f"bootstrap over the 5 exams: ADF {lo:.2f}–{hi:.2f} mm" in table
+
+
+def test_mean_interval_resamples_whole_exams():
+    # exam 001 has three images with error 10, exam 002 one with error 0: resampling images would give
+    # means between 0 and 10 in quarters; resampling exams gives only 0, 7.5 (3 of 4 images) or 10.
+    rows = [_row(n, 100, 100 + e) for n, e in (("001_HC.png", 10), ("001_2HC.png", 10), ("001_3HC.png", 10),
+                                                 ("002_HC.png", 0))]
+    lo, hi = mean_interval(rows, "adf_mm", n=4000)
+    assert lo == 0.0 and hi == 10.0
+    assert mean_interval(rows, "adf_mm", n=4000) == [lo, hi]  # seeded
+    assert mean_interval([], "adf_mm") is None
 
 
 def run(*args):

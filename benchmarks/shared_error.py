@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-BINS = ((0, 100, "< 100 mm"), (100, 200, "100-200 mm"), (200, np.inf, "> 200 mm"))
+from fetalhc.protocol import size_bins
 
 
 def read_runs(paths: list[str]) -> dict[str, dict[str, dict]]:
@@ -42,7 +42,7 @@ def shared_error(runs: dict[str, dict[str, dict]]) -> dict:
     hc = np.array([runs[names[0]][f]["hc_true_mm"] for f in files])
     consensus = err.mean(0)
     bins = {}
-    for lo, hi, label in ((0, np.inf, "all"),) + BINS:
+    for lo, hi, label in [(0, np.inf, "all")] + size_bins():
         m = (hc >= lo) & (hc < hi)
         bins[label] = {"images": int(m.sum()), "adf_each": np.abs(err[:, m]).mean(1).tolist(),
                        "adf_consensus": float(np.abs(consensus[m]).mean()),

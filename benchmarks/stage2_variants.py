@@ -34,7 +34,7 @@ from fetalhc.evaluate import compare, summarise
 from fetalhc.geometry import Ellipse, fit_mask, fit_points
 from fetalhc.io import Spacing
 from fetalhc.pipeline import Measurer, measure_image
-from fetalhc.protocol import GROSS_MM, refiner_validation_images
+from fetalhc.protocol import GROSS_MM, SIZE_BINS, refiner_validation_images
 from fetalhc.refine import fractions, ray_confidence, ray_points, unwrap, visible
 
 SCALES = (0.96, 1.0, 1.04)
@@ -88,7 +88,7 @@ def first_ellipse(model, pixels, spacing: Spacing) -> Ellipse | None:
 def summary(rows: list[dict]) -> dict:
     """The challenge metrics of :func:`fetalhc.evaluate.summarise`, how many errors exceed 8 and 4 mm, and the
     mean error of heads over 200 mm (where the second stages differ most)."""
-    large = [r["adf_mm"] for r in rows if r["hc_true_mm"] > 200]
+    large = [r["adf_mm"] for r in rows if r["hc_true_mm"] >= SIZE_BINS[-1][0]]
     return {**summarise(rows), "over_8mm": sum(r["adf_mm"] > GROSS_MM for r in rows),
             "over_4mm": sum(r["adf_mm"] > 4 for r in rows), "adf_over_200mm": float(np.mean(large)) if large else None}
 
@@ -146,7 +146,8 @@ def main() -> int:
             a = s["adf_mm"]
             lines.append(f"| {path} | {label} | {a['mean']:.3f} | {a['median']:.2f} | {a['p95']:.2f} | "
                          f"{a['worst']:.2f} | {s['df_mm']['mean']:+.2f} | {100 * s['dice']['mean']:.2f} | "
-                         f"{s['over_8mm']} | {s['over_4mm']} | {s['adf_over_200mm'] or float('nan'):.2f} |")
+                         f"{s['over_8mm']} | {s['over_4mm']} | "
+                         f"{'–' if s['adf_over_200mm'] is None else format(s['adf_over_200mm'], '.2f')} |")
             print(lines[-1], flush=True)
         out[path] = rows
     print(f"\n{len(images)} development validation images\n" + "\n".join(lines))

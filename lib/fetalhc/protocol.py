@@ -117,6 +117,12 @@ def measure_test_set(measurer, root: str | Path, names: list[str], score_thresho
     return rows
 
 
+def size_bins() -> list[tuple[float, float, str]]:
+    """The head-size bins of every report: (lowest HC, highest HC, label), in mm."""
+    return [(lo, hi, f"< {hi:.0f} mm" if lo == 0 else (f"> {lo:.0f} mm" if hi == math.inf else f"{lo:.0f}-{hi:.0f} mm"))
+            for lo, hi in SIZE_BINS]
+
+
 def mean_interval(rows: list[dict], key: str, n: int = 2000, seed: int = 0) -> list[float] | None:
     """95 % interval of the mean of ``key`` by a bootstrap over examinations (images of one exam resampled
     together: they share a fetus and a sonographer, so they are not independent)."""
@@ -139,9 +145,8 @@ def protocol_summary(rows: list[dict]) -> dict:
     gross = [r for r in rows if r["adf_mm"] > GROSS_MM]
     flagged = [r for r in rows if not r["qc_ok"]]
     bins = {}
-    for lo, hi in SIZE_BINS:
+    for lo, hi, label in size_bins():
         sel = [r for r in rows if lo <= r["hc_true_mm"] < hi]
-        label = f"< {hi:.0f} mm" if lo == 0 else (f"> {lo:.0f} mm" if hi == math.inf else f"{lo:.0f}-{hi:.0f} mm")
         bins[label] = summarise(sel) if sel else {"n": 0}
         if sel:
             bins[label]["df_median_mm"] = float(np.median([r["df_mm"] for r in sel]))

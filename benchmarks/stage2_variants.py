@@ -104,6 +104,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.supersample and min(args.supersample) < 1:
+        ap.error(f"--supersample needs two counts >= 1, got {args.supersample[0]} {args.supersample[1]}")
     torch.set_num_threads(args.threads)
     records = [r for r in hc18.read_records(args.hc18) if r.annotation is not None]
     measurers = [Measurer(m, "cpu") for m in args.models]

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from fetalhc import hc18
-from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, mean_interval, protocol_split,
-                              protocol_summary, refiner_validation_images, seen_exams, seen_test_images)
+from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, mean_interval, p95_interval,
+                              protocol_split, protocol_summary, refiner_validation_images, seen_exams,
+                              seen_test_images)
 
 NAMES = [f"{e:03d}_{k}HC.png" for e in range(1, 101) for k in ("", "2")[: 1 + e % 2]]
 
@@ -67,6 +68,9 @@ def test_summary_counts_gross_errors_qc_passed_and_bins():
     assert 1 <= lo < s["overall"]["adf_mm"]["mean"] < hi <= 101 and s["exams"] == 5
     assert s["dice_mean_ci95"] == pytest.approx([0.97, 0.97])  # every image the same: no spread
     assert f"bootstrap over the 5 exams: ADF {lo:.2f}–{hi:.2f} mm" in table
+    p_lo, p_hi = s["adf_p95_ci95_mm"]
+    assert p_lo <= s["overall"]["adf_mm"]["p95"] <= p_hi <= 101
+    assert f"of ADF's p95: {p_lo:.2f}–{p_hi:.2f} mm" in table
 
 
 def test_mean_interval_resamples_whole_exams():
@@ -78,6 +82,9 @@ def test_mean_interval_resamples_whole_exams():
     assert lo == 0.0 and hi == 10.0
     assert mean_interval(rows, "adf_mm", n=4000) == [lo, hi]  # seeded
     assert mean_interval([], "adf_mm") is None
+    # the p95 of a resample is 0 (exam 002 twice) or 10 (exam 001 in it, 3 of its 4 or all images)
+    assert p95_interval(rows, "adf_mm", n=4000) == [0.0, 10.0]
+    assert p95_interval([], "adf_mm") is None
 
 
 def run(*args):

@@ -126,6 +126,17 @@ def size_bins() -> list[tuple[float, float, str]]:
 def mean_interval(rows: list[dict], key: str, n: int = 2000, seed: int = 0) -> list[float] | None:
     """95 % interval of the mean of ``key`` by a bootstrap over examinations (images of one exam resampled
     together: they share a fetus and a sonographer, so they are not independent)."""
+    return exam_bootstrap(rows, key, None, n, seed)
+
+
+def p95_interval(rows: list[dict], key: str, n: int = 2000, seed: int = 0) -> list[float] | None:
+    """95 % interval of the 95th percentile of ``key``, by the same bootstrap over examinations."""
+    return exam_bootstrap(rows, key, 95.0, n, seed)
+
+
+def exam_bootstrap(rows: list[dict], key: str, percentile: float | None, n: int, seed: int) -> list[float] | None:
+    """2.5th and 97.5th percentiles, over ``n`` resamples of whole exams, of the mean of ``key`` (or of its
+    ``percentile``-th percentile)."""
     groups: dict[str, list[float]] = {}
     for r in rows:
         v = float(r[key])
@@ -133,15 +144,20 @@ def mean_interval(rows: list[dict], key: str, n: int = 2000, seed: int = 0) -> l
             groups.setdefault(hc18.exam_of(r["filename"]), []).append(v)
     if not groups:
         return None
-    sums = np.array([sum(v) for v in groups.values()])
-    counts = np.array([len(v) for v in groups.values()])
     pick = np.random.default_rng(seed).integers(0, len(groups), (n, len(groups)))
-    means = sums[pick].sum(1) / counts[pick].sum(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    values = list(groups.values())
+    if percentile is None:
+        sums = np.array([sum(v) for v in values])
+        counts = np.array([len(v) for v in values])
+        stats = sums[pick].sum(1) / counts[pick].sum(1)
+    else:
+        stats = np.array([np.percentile(np.concatenate([values[i] for i in row]), percentile) for row in pick])
+    return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
 
 
 def protocol_summary(rows: list[dict]) -> dict:
-    """Overall and per-head-size metrics, the 95 % intervals of mean ADF and Dice, and what QC caught."""
+    """Overall and per-head-size metrics, the 95 % intervals of mean ADF and Dice and of ADF's p95, and what
+    QC caught."""
     gross = [r for r in rows if r["adf_mm"] > GROSS_MM]
     flagged = [r for r in rows if not r["qc_ok"]]
     bins = {}
@@ -153,6 +169,7 @@ def protocol_summary(rows: list[dict]) -> dict:
     exams = {hc18.exam_of(r["filename"]) for r in rows}
     return {"overall": summarise(rows), "by_head_size": bins, "exams": len(exams),
             "adf_mean_ci95_mm": mean_interval(rows, "adf_mm"), "dice_mean_ci95": mean_interval(rows, "dice"),
+            "adf_p95_ci95_mm": p95_interval(rows, "adf_mm"),
             "gross_errors": len(gross), "gross_errors_qc_passed": sum(r["qc_ok"] for r in gross),
             "qc_flagged": len(flagged), "qc_flagged_fraction": len(flagged) / max(len(rows), 1),
             "gross_files_qc_passed": [r["filename"] for r in gross if r["qc_ok"]]}
@@ -169,10 +186,11 @@ def format_table(s: dict, title: str) -> str:
             p = " (5th pct.)" if key == "dice" else ""
             lines.append(f"| {label} | {m['mean'] * k:.2f} ± {m['sd'] * k:.2f} | {m['median'] * k:.2f} | "
                          f"{m['p95'] * k:.2f}{p} | {m['worst'] * k:.2f} |")
-    adf, dice = s.get("adf_mean_ci95_mm"), s.get("dice_mean_ci95")
-    if adf and dice:  # how far the mean could move on other exams like these
+    adf, dice, p95 = s.get("adf_mean_ci95_mm"), s.get("dice_mean_ci95"), s.get("adf_p95_ci95_mm")
+    if adf and dice:  # how far the figures could move on other exams like these
         lines += ["", f"95 % interval of the mean, bootstrap over the {s['exams']} exams: "
-                      f"ADF {adf[0]:.2f}–{adf[1]:.2f} mm, Dice {100 * dice[0]:.2f}–{100 * dice[1]:.2f} %."]
+                      f"ADF {adf[0]:.2f}–{adf[1]:.2f} mm, Dice {100 * dice[0]:.2f}–{100 * dice[1]:.2f} %"
+                      + (f"; of ADF's p95: {p95[0]:.2f}–{p95[1]:.2f} mm." if p95 else ".")]
     lines += ["", f"{o['n']} images, {o['missed']} without a detected head; errors > {GROSS_MM:.0f} mm: "
                   f"{s['gross_errors']}, of which QC passed {s['gross_errors_qc_passed']}; QC flagged "
                   f"{s['qc_flagged']} ({100 * s['qc_flagged_fraction']:.1f} %).", "",

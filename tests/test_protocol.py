@@ -1,4 +1,5 @@
 """The evaluation protocol: a fixed exam-grouped test set that no model may have seen."""
+import csv
 import json
 import math
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 
 from fetalhc import hc18
 from fetalhc.protocol import (GROSS_MM, PROTOCOL_SEED, dev_folds, format_table, mean_interval, p95_interval,
-                              protocol_split, protocol_summary, refiner_validation_images, seen_exams,
+                              protocol_split, protocol_summary, read_rows, refiner_validation_images, seen_exams,
                               seen_test_images)
 
 NAMES = [f"{e:03d}_{k}HC.png" for e in range(1, 101) for k in ("", "2")[: 1 + e % 2]]
@@ -73,6 +74,23 @@ def test_summary_counts_gross_errors_qc_passed_and_bins():
     assert f"of ADF's p95: {p_lo:.2f}–{p_hi:.2f} mm" in table
 
 
+def test_rows_read_back_give_the_same_report(tmp_path):
+    rows = [_row("001_HC.png", 80, 82), _row("002_HC.png", 250, 262, qc_ok=False), _row("003_HC.png", 150, 151)]
+    rows.append({**_row("004_HC.png", 90, 0), "hc_pred_mm": None, "adf_mm": 90.0, "df_mm": -90.0, "dice": 0.0,
+                 "hausdorff_mm": math.nan, "missed": 1, "qc_ok": False})  # a missed head, as compare() gives it
+    with open(tmp_path / "protocol_rows.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    back = read_rows(tmp_path / "protocol_rows.csv")
+    assert back[1]["qc_ok"] is False and back[3]["missed"] == 1 and math.isnan(back[3]["hc_pred_mm"])
+    assert json.dumps(protocol_summary(back)) == json.dumps(protocol_summary(rows))
+    assert format_table(protocol_summary(back), "t") == format_table(protocol_summary(rows), "t")
+    (tmp_path / "other.csv").write_text("name,hc\n1,2\n")
+    with pytest.raises(ValueError, match="not the protocol_rows.csv"):
+        read_rows(tmp_path / "other.csv")
+
+
 def test_mean_interval_resamples_whole_exams():
     # exam 001 has three images with error 10, exam 002 one with error 0: resampling images would give
     # means between 0 and 10 in quarters; resampling exams gives only 0, 7.5 (3 of 4 images) or 10.
@@ -120,6 +138,18 @@ def test_cli_scores_a_model_trained_without_the_test_exams(tiny_run, samples_dir
     assert code == 0, err
     assert "Protocol test set" in out and "NOT an accuracy estimate" not in out
     assert len(list((tmp_path / "report" / "worst").glob("*.jpg"))) == min(1, len(split.test))
+    # re-tabulated from its rows, without the model: the same report
+    first = (tmp_path / "report" / "protocol_summary.json").read_text()
+    code, out2, err = run(samples_dir, "--rows", tmp_path / "report", "--out", tmp_path / "again")
+    assert code == 0, err
+    assert (tmp_path / "again" / "protocol_summary.json").read_text() == first and out2 == out
+    code, _, err = run(samples_dir, "--rows", tmp_path / "report", "--model", clean)
+    assert code == 2 and "without --model" in err and "Traceback" not in err
+    lines = (tmp_path / "report" / "protocol_rows.csv").read_text().splitlines()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "protocol_rows.csv").write_text("\n".join(lines[:-1]) + "\n")  # one test image short
+    code, _, err = run(samples_dir, "--rows", tmp_path / "cut")
+    assert code == 2 and "does not hold the" in err and "Traceback" not in err
     leaky = save_checkpoint(tmp_path / "leaky.pt", model, data={"train_exams": dev_exams, "val_exams": [hc18.exam_of(split.test[0])]})
     code, out, err = run(samples_dir, "--model", leaky)
     assert code == 2 and f"1 of the {len(split.test)} protocol test images" in err

@@ -187,10 +187,29 @@ def _protocol(args) -> int:
 
     from . import hc18
     from .pipeline import Measurer
-    from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, seen_test_images
+    from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, read_rows, seen_test_images
 
     if args.worst and not args.out:
         raise ValueError("--worst N writes its overlays into OUT/worst/: give --out OUT")
+    if args.rows:  # re-tabulate an earlier run: no model, no image scored again
+        if args.model or args.worst:
+            raise ValueError("--rows re-tabulates an earlier run: give it without --model or --worst")
+        folder = Path(args.rows)
+        rows = read_rows(folder / "protocol_rows.csv")
+        test = protocol_split([r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]).test
+        if sorted(r["filename"] for r in rows) != sorted(test):
+            raise ValueError(f"{folder / 'protocol_rows.csv'} does not hold the {len(test)} protocol test images of "
+                             f"{args.hc18}")
+        old = folder / "protocol_summary.json"
+        title = json.loads(old.read_text())["title"] if old.exists() else f"Protocol test set, rows of {folder}"
+        summary = protocol_summary(rows)
+        table = format_table(summary, title)
+        print(table)
+        out = Path(args.out or folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
+        (out / "protocol_table.md").write_text(table)
+        return 0
     torch.set_num_threads(args.threads or torch.get_num_threads())
     names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
     split = protocol_split(names)
@@ -383,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("protocol", help="accuracy on the protocol test set, which no training or setting saw")
     r.add_argument("hc18", help="HC18 folder with training_set/ and its CSV")
     r.add_argument("--model", help="checkpoint to evaluate (without it: only print / write the split)")
+    r.add_argument("--rows", metavar="FOLDER", help="re-tabulate FOLDER/protocol_rows.csv of an earlier run (no "
+                                                    "model loaded, no image scored again); writes to --out or FOLDER")
     r.add_argument("--out", help="folder for protocol_rows.csv, protocol_summary.json, protocol_table.md")
     r.add_argument("--split-out", help="JSON file with the development and test image names")
     r.add_argument("--allow-seen", action="store_true",

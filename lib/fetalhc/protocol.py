@@ -117,6 +117,23 @@ def measure_test_set(measurer, root: str | Path, names: list[str], score_thresho
     return rows
 
 
+def read_rows(path: str | Path) -> list[dict]:
+    """The per-image rows of an earlier run (``protocol_rows.csv``), typed as :func:`measure_test_set` gives
+    them, so a report can be re-tabulated without scoring the test set again."""
+    import csv
+
+    def number(v: str) -> float:
+        return float(v) if v not in ("", "None") else math.nan
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"filename", "adf_mm", "hc_true_mm", "qc_ok"} <= set(rows[0]):
+        raise ValueError(f"{path}: not the protocol_rows.csv of `fetalhc protocol --out`")
+    text = ("filename", "qc")
+    return [{k: v if k in text else (v == "True" if k == "qc_ok" else (int(v) if k == "missed" else number(v)))
+             for k, v in r.items()} for r in rows]
+
+
 def size_bins() -> list[tuple[float, float, str]]:
     """The head-size bins of every report: (lowest HC, highest HC, label), in mm."""
     return [(lo, hi, f"< {hi:.0f} mm" if lo == 0 else (f"> {lo:.0f} mm" if hi == math.inf else f"{lo:.0f}-{hi:.0f} mm"))
@@ -194,12 +211,15 @@ def format_table(s: dict, title: str) -> str:
     lines += ["", f"{o['n']} images, {o['missed']} without a detected head; errors > {GROSS_MM:.0f} mm: "
                   f"{s['gross_errors']}, of which QC passed {s['gross_errors_qc_passed']}; QC flagged "
                   f"{s['qc_flagged']} ({100 * s['qc_flagged_fraction']:.1f} %).", "",
-              "| ground-truth HC | images | ADF mean (mm) | ADF median (mm) | DF median (mm) | Dice (%) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| ground-truth HC | images | ADF mean ± sd (mm) | median | p95 | worst | DF median (mm) | Dice (%) "
+              "| Hausdorff (mm) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, b in s["by_head_size"].items():
         if b["n"]:
-            lines.append(f"| {label} | {b['n']} | {b['adf_mm']['mean']:.2f} | {b['adf_mm']['median']:.2f} | "
-                         f"{b['df_median_mm']:+.2f} | {100 * b['dice']['mean']:.2f} |")
+            a = b["adf_mm"]
+            lines.append(f"| {label} | {b['n']} | {a['mean']:.2f} ± {a['sd']:.2f} | {a['median']:.2f} | {a['p95']:.2f} | "
+                         f"{a['worst']:.2f} | {b['df_median_mm']:+.2f} | {100 * b['dice']['mean']:.2f} | "
+                         f"{b.get('hausdorff_mm', {'mean': math.nan})['mean']:.2f} |")  # NaN: every head missed
         else:
-            lines.append(f"| {label} | 0 | – | – | – | – |")
+            lines.append(f"| {label} | 0 |" + " – |" * 7)
     return "\n".join(lines) + "\n"

@@ -183,33 +183,16 @@ def _evaluate(args) -> int:
 
 
 def _protocol(args) -> int:
+    if args.rows:
+        return _retabulate(args)
     import torch
 
     from . import hc18
     from .pipeline import Measurer
-    from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, read_rows, seen_test_images
+    from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, seen_test_images
 
     if args.worst and not args.out:
         raise ValueError("--worst N writes its overlays into OUT/worst/: give --out OUT")
-    if args.rows:  # re-tabulate an earlier run: no model, no image scored again
-        if args.model or args.worst:
-            raise ValueError("--rows re-tabulates an earlier run: give it without --model or --worst")
-        folder = Path(args.rows)
-        rows = read_rows(folder / "protocol_rows.csv")
-        test = protocol_split([r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]).test
-        if sorted(r["filename"] for r in rows) != sorted(test):
-            raise ValueError(f"{folder / 'protocol_rows.csv'} does not hold the {len(test)} protocol test images of "
-                             f"{args.hc18}")
-        old = folder / "protocol_summary.json"
-        title = json.loads(old.read_text())["title"] if old.exists() else f"Protocol test set, rows of {folder}"
-        summary = protocol_summary(rows)
-        table = format_table(summary, title)
-        print(table)
-        out = Path(args.out or folder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
-        (out / "protocol_table.md").write_text(table)
-        return 0
     torch.set_num_threads(args.threads or torch.get_num_threads())
     names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
     split = protocol_split(names)
@@ -243,11 +226,39 @@ def _protocol(args) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
-        (out / "protocol_table.md").write_text(table)
+        _write_report(out, title, summary, table)
         if args.worst:
             _worst_overlays(measurer, args.hc18, rows, args.worst, out / "worst", args.score_threshold)
     return 0
+
+
+def _retabulate(args) -> int:
+    """``fetalhc protocol --rows FOLDER``: the report of an earlier run, from its rows (no model, no image
+    scored again), e.g. after the table gained columns."""
+    from . import hc18
+    from .protocol import format_table, protocol_split, protocol_summary, read_rows
+
+    if args.model or args.worst:
+        raise ValueError("--rows re-tabulates an earlier run: give it without --model or --worst")
+    folder = Path(args.rows)
+    rows = read_rows(folder / "protocol_rows.csv")
+    test = protocol_split([r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]).test
+    if sorted(r["filename"] for r in rows) != sorted(test):
+        raise ValueError(f"{folder / 'protocol_rows.csv'} does not hold the {len(test)} protocol test images of "
+                         f"{args.hc18}")
+    old = folder / "protocol_summary.json"
+    title = json.loads(old.read_text())["title"] if old.exists() else f"Protocol test set, rows of {folder}"
+    summary = protocol_summary(rows)
+    table = format_table(summary, title)
+    print(table)
+    _write_report(Path(args.out or folder), title, summary, table)
+    return 0
+
+
+def _write_report(out: Path, title: str, summary: dict, table: str):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
+    (out / "protocol_table.md").write_text(table)
 
 
 def _worst_overlays(measurer, root, rows: list[dict], n: int, folder: Path, threshold: float):

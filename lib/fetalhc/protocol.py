@@ -11,6 +11,7 @@ worst, the same by ground-truth head size, and how many gross errors (> ``GROSS_
 """
 from __future__ import annotations
 
+import csv
 import math
 import random
 from dataclasses import dataclass
@@ -120,8 +121,6 @@ def measure_test_set(measurer, root: str | Path, names: list[str], score_thresho
 def read_rows(path: str | Path) -> list[dict]:
     """The per-image rows of an earlier run (``protocol_rows.csv``), typed as :func:`measure_test_set` gives
     them, so a report can be re-tabulated without scoring the test set again."""
-    import csv
-
     def number(v: str) -> float:
         return float(v) if v not in ("", "None") else math.nan
 

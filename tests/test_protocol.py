@@ -86,9 +86,11 @@ def test_rows_read_back_give_the_same_report(tmp_path):
     assert back[1]["qc_ok"] is False and back[3]["missed"] == 1 and math.isnan(back[3]["hc_pred_mm"])
     assert json.dumps(protocol_summary(back)) == json.dumps(protocol_summary(rows))
     assert format_table(protocol_summary(back), "t") == format_table(protocol_summary(rows), "t")
-    (tmp_path / "other.csv").write_text("name,hc\n1,2\n")
-    with pytest.raises(ValueError, match="not the protocol_rows.csv"):
-        read_rows(tmp_path / "other.csv")
+    # not the rows at all, or too few of their columns
+    for text in ("name,hc\n1,2\n", "filename,hc_true_mm,adf_mm,qc_ok\n001_HC.png,80,2,True\n"):
+        (tmp_path / "other.csv").write_text(text)
+        with pytest.raises(ValueError, match="not the protocol_rows.csv"):
+            read_rows(tmp_path / "other.csv")
 
 
 def test_mean_interval_resamples_whole_exams():

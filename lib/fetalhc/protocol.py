@@ -126,7 +126,8 @@ def read_rows(path: str | Path) -> list[dict]:
 
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or not {"filename", "adf_mm", "hc_true_mm", "qc_ok"} <= set(rows[0]):
+    needed = {"filename", "hc_true_mm", "df_mm", "adf_mm", "dice", "hausdorff_mm", "missed", "qc_ok"}
+    if not rows or not needed <= set(rows[0]):
         raise ValueError(f"{path}: not the protocol_rows.csv of `fetalhc protocol --out`")
     text = ("filename", "qc")
     return [{k: v if k in text else (v == "True" if k == "qc_ok" else (int(v) if k == "missed" else number(v)))
@@ -216,8 +217,8 @@ def format_table(s: dict, title: str) -> str:
     for label, b in s["by_head_size"].items():
         if b["n"]:
             a = b["adf_mm"]
-            lines.append(f"| {label} | {b['n']} | {a['mean']:.2f} ± {a['sd']:.2f} | {a['median']:.2f} | {a['p95']:.2f} | "
-                         f"{a['worst']:.2f} | {b['df_median_mm']:+.2f} | {100 * b['dice']['mean']:.2f} | "
+            lines.append(f"| {label} | {b['n']} | {a['mean']:.2f} ± {a['sd']:.2f} | {a['median']:.2f} | "
+                         f"{a['p95']:.2f} | {a['worst']:.2f} | {b['df_median_mm']:+.2f} | {100 * b['dice']['mean']:.2f} | "
                          f"{b.get('hausdorff_mm', {'mean': math.nan})['mean']:.2f} |")  # NaN: every head missed
         else:
             lines.append(f"| {label} | 0 |" + " – |" * 7)

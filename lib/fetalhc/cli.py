@@ -187,15 +187,13 @@ def _protocol(args) -> int:
         return _retabulate(args)
     import torch
 
-    from . import hc18
     from .pipeline import Measurer
-    from .protocol import format_table, measure_test_set, protocol_split, protocol_summary, seen_test_images
+    from .protocol import measure_test_set, seen_test_images
 
     if args.worst and not args.out:
         raise ValueError("--worst N writes its overlays into OUT/worst/: give --out OUT")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    names = [r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]
-    split = protocol_split(names)
+    split = _protocol_split(args.hc18)
     print(f"protocol test set: {len(split.test)} images of {len(split.test_exams)} exams "
           f"(development: {len(split.dev)} images)", file=sys.stderr)
     if args.split_out:
@@ -216,17 +214,13 @@ def _protocol(args) -> int:
     done = lambda n: print(f"\r{n}/{len(split.test)} measured", end="", file=sys.stderr, flush=True)  # noqa: E731
     rows = measure_test_set(measurer, args.hc18, split.test, args.score_threshold, progress=done)
     print(file=sys.stderr)
-    summary = protocol_summary(rows)
-    table = format_table(summary, title)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else None
+    _report(rows, title, out)
+    if out:
         with open(out / "protocol_rows.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        _write_report(out, title, summary, table)
         if args.worst:
             _worst_overlays(measurer, args.hc18, rows, args.worst, out / "worst", args.score_threshold)
     return 0
@@ -235,30 +229,40 @@ def _protocol(args) -> int:
 def _retabulate(args) -> int:
     """``fetalhc protocol --rows FOLDER``: the report of an earlier run, from its rows (no model, no image
     scored again), e.g. after the table gained columns."""
-    from . import hc18
-    from .protocol import format_table, protocol_split, protocol_summary, read_rows
+    from .protocol import read_rows
 
     if args.model or args.worst:
         raise ValueError("--rows re-tabulates an earlier run: give it without --model or --worst")
     folder = Path(args.rows)
     rows = read_rows(folder / "protocol_rows.csv")
-    test = protocol_split([r.name for r in hc18.read_records(args.hc18) if r.annotation is not None]).test
+    test = _protocol_split(args.hc18).test
     if sorted(r["filename"] for r in rows) != sorted(test):
         raise ValueError(f"{folder / 'protocol_rows.csv'} does not hold the {len(test)} protocol test images of "
                          f"{args.hc18}")
     old = folder / "protocol_summary.json"
     title = json.loads(old.read_text())["title"] if old.exists() else f"Protocol test set, rows of {folder}"
-    summary = protocol_summary(rows)
-    table = format_table(summary, title)
-    print(table)
-    _write_report(Path(args.out or folder), title, summary, table)
+    _report(rows, title, Path(args.out or folder))
     return 0
 
 
-def _write_report(out: Path, title: str, summary: dict, table: str):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
-    (out / "protocol_table.md").write_text(table)
+def _protocol_split(hc18_dir):
+    from . import hc18
+    from .protocol import protocol_split
+
+    return protocol_split([r.name for r in hc18.read_records(hc18_dir) if r.annotation is not None])
+
+
+def _report(rows: list[dict], title: str, out: Path | None):
+    """Print the protocol table of ``rows``; with ``out``, also write it and its summary JSON there."""
+    from .protocol import format_table, protocol_summary
+
+    summary = protocol_summary(rows)
+    table = format_table(summary, title)
+    print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "protocol_summary.json").write_text(json.dumps({"title": title, **summary}, indent=1))
+        (out / "protocol_table.md").write_text(table)
 
 
 def _worst_overlays(measurer, root, rows: list[dict], n: int, folder: Path, threshold: float):

@@ -145,7 +145,7 @@ def _train_refiner(args) -> int:
                            size_sd=base.size_sd * k, aspect_sd=base.aspect_sd * k, shift_sd=base.shift_sd * k,
                            angle_sd=base.angle_sd * k,
                            wide_fraction=args.wide_fraction, oversample_small=args.oversample_small,
-                           polar_augment=args.polar_augment)
+                           polar_augment=args.polar_augment, size_weighted=args.size_weighted)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
                             cfg=cfg, tc=tc,
                             fine_tune=not args.from_scratch,
@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of training starts perturbed 3x as widely (stage 1's rare gross misses; default 0)")
     f.add_argument("--oversample-small", type=float, default=1.0,
                    help="draw heads under 100 mm HC this many times as often (default 1: uniform)")
+    f.add_argument("--size-weighted", action="store_true",
+                   help="draw each head in proportion to its HC in mm, so that training weighs a miss as ADF does "
+                        "(default: uniform)")
     f.add_argument("--start-spread", type=float, default=1.0,
                    help="scale of the training starts' perturbations (size, aspect, centre, angle) against the "
                         "default's; below 1 for a first stage that misses by less (default 1)")

@@ -56,6 +56,9 @@ class RefineTrainConfig:
     wide_fraction: float = 0.0  # share of starts drawn with wide_scale x those spreads: stage 1's rare gross misses
     wide_scale: float = 3.0
     oversample_small: float = 1.0  # draw heads under data.SMALL_HEAD_MM this many times as often
+    # draw each head in proportion to its HC in mm: the loss counts a miss in radial rows, a fixed share of
+    # the head's size, while ADF counts it in mm, where a 300 mm head's row is five times a 60 mm head's
+    size_weighted: bool = False
     polar_augment: bool = False  # also degrade the polar image as ultrasound hides a skull (see ``degrade``)
 
     def __post_init__(self):
@@ -70,7 +73,7 @@ class RefineTrainConfig:
 # The RefineTrainConfig fields that say which starts, heads and images the refiner learns from (kept by a
 # fine-tune).
 START_RECIPE = ("size_sd", "aspect_sd", "shift_sd", "angle_sd", "wide_fraction", "wide_scale", "oversample_small",
-                "polar_augment")
+                "polar_augment", "size_weighted")
 
 
 def perturb(gt: Ellipse, rng: np.random.Generator, c: RefineTrainConfig) -> Ellipse:
@@ -82,10 +85,15 @@ def perturb(gt: Ellipse, rng: np.random.Generator, c: RefineTrainConfig) -> Elli
 
 
 def draw(samples: list[RefineSample], rng: np.random.Generator, tc: RefineTrainConfig) -> np.ndarray:
-    """Indices of one batch: uniform, or small heads ``tc.oversample_small`` times as often."""
-    if tc.oversample_small == 1.0:
+    """Indices of one batch: uniform, or small heads ``tc.oversample_small`` times as often, each head (also)
+    in proportion to its HC when ``tc.size_weighted`` (a head of unknown size as one of the mean size)."""
+    if tc.oversample_small == 1.0 and not tc.size_weighted:
         return rng.integers(0, len(samples), tc.batch_size)
-    w = np.array(small_head_weights([s.hc_mm for s in samples], tc.oversample_small))
+    hc = [s.hc_mm for s in samples]
+    w = np.array(small_head_weights(hc, tc.oversample_small))
+    if tc.size_weighted:
+        known = [h for h in hc if h is not None]
+        w *= np.array([h if h is not None else (np.mean(known) if known else 1.0) for h in hc])
     return rng.choice(len(samples), tc.batch_size, p=w / w.sum())
 
 

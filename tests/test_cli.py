@@ -151,20 +151,20 @@ def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samp
     code, text, err = run(*base, "--iters", "4", "--radii", "1")
     assert code == 2 and "1 radii (>= 2)" in err and "Traceback" not in err
     code, text, err = run(*base, "--iters", "2", "--wide-fraction", "0.5", "--oversample-small", "2",
-                          "--start-spread", "0.5", "--depth", "2", "--polar-augment", "--radii", "48",
+                          "--start-spread", "0.5", "--depth", "2", "--polar-augment", "--radii", "48", "--size-weighted",
                           "--out", tmp_path / "wide.pt")
     assert code == 0, err
     assert read_checkpoint(tmp_path / "wide.pt")["refiner"]["config"]["depth"] == 2
     assert read_checkpoint(tmp_path / "wide.pt")["refiner"]["config"]["n_radii"] == 48
     tc = read_checkpoint(tmp_path / "wide.pt")["refiner_data"]["train_config"]
-    assert tc["wide_fraction"] == 0.5 and tc["oversample_small"] == 2.0 and tc["polar_augment"]
+    assert tc["wide_fraction"] == 0.5 and tc["oversample_small"] == 2.0 and tc["polar_augment"] and tc["size_weighted"]
     assert (tc["size_sd"], tc["aspect_sd"], tc["shift_sd"], tc["angle_sd"]) == (0.025, 0.015, 0.015, 0.05)
     code, text, err = run(*base[:4], tmp_path / "wide.pt", "--out", tmp_path / "wide_tuned.pt", "--iters", "2",
                           "--batch-size", "2")  # a fine-tune keeps the checkpoint's start recipe
     assert code == 0, err
     tuned = read_checkpoint(tmp_path / "wide_tuned.pt")
     tc = tuned["refiner_data"]["train_config"]
-    assert tc["wide_fraction"] == 0.5 and tc["oversample_small"] == 2.0 and tc["iters"] == 2
+    assert tc["wide_fraction"] == 0.5 and tc["oversample_small"] == 2.0 and tc["iters"] == 2 and tc["size_weighted"]
     assert tuned["refiner"]["config"]["depth"] == 2 and tc["polar_augment"]  # and its network and images
     assert tc["size_sd"] == 0.025
     code, text, err = run(*base[:4], out, "--out", tmp_path / "tuned.pt", "--iters", "2", "--batch-size", "2")

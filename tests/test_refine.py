@@ -186,6 +186,14 @@ def test_wide_starts_and_small_head_oversampling_in_training_batches():
     tc = RefineTrainConfig(batch_size=6000, oversample_small=2.0)
     counts = np.bincount(draw([small, large, unknown], rng, tc), minlength=3)
     assert 1.8 < counts[0] / counts[1] < 2.2 and 0.9 < counts[2] / counts[1] < 1.1
+    # size-weighted: in proportion to HC (173 / 57 mm), the unknown head as one of the mean size (115 mm)
+    hc = [s.hc_mm for s in (small, large)]
+    counts = np.bincount(draw([small, large, unknown], rng, RefineTrainConfig(batch_size=20000, size_weighted=True)),
+                         minlength=3)
+    assert abs(counts[1] / counts[0] - hc[1] / hc[0]) < 0.25 and abs(counts[2] / counts[0] - np.mean(hc) / hc[0]) < 0.2
+    counts = np.bincount(draw([small, large], rng, RefineTrainConfig(batch_size=20000, size_weighted=True,
+                                                                     oversample_small=2.0)), minlength=2)
+    assert abs(counts[1] / counts[0] - hc[1] / hc[0] / 2) < 0.15  # the two weightings multiply
     with pytest.raises(ValueError, match="out of range"):
         RefineTrainConfig(wide_fraction=1.5)
     with pytest.raises(ValueError, match="start spreads"):

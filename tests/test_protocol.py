@@ -65,6 +65,9 @@ def test_summary_counts_gross_errors_qc_passed_and_bins():
     assert s["overall"]["adf_mm"]["worst"] == pytest.approx(101)
     table = format_table(s, "t")
     assert "| < 100 mm | 2 |" in table and f"errors > {GROSS_MM:.0f} mm: 2, of which QC passed 1" in table
+    q = s["qc_passed_adf_mm"]  # a, b, c, e: the flagged 12 mm error of d is left out, b's 101 mm is not
+    assert s["qc_passed"] == 4 and q["worst"] == pytest.approx(101) and q["mean"] == pytest.approx(26.25)
+    assert "ADF of the 4 results QC passed (shown without a flag): 26.25 ± " in table and "worst 101.00." in table
     lo, hi = s["adf_mean_ci95_mm"]
     assert 1 <= lo < s["overall"]["adf_mm"]["mean"] < hi <= 101 and s["exams"] == 5
     assert s["dice_mean_ci95"] == pytest.approx([0.97, 0.97])  # every image the same: no spread

@@ -172,6 +172,44 @@ def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samp
     assert read_checkpoint(tmp_path / "tuned.pt")["refiner_data"]["init_data"]["train_images"] == 4
 
 
+def test_train_refiner_with_pseudo_labels_records_the_teacher(tiny_run, samples_dir, default_model, tmp_path):
+    """Unlabelled test-set images outlined by a two-stage teacher join the training; what the teacher saw
+    counts as seen by the student, and a --protocol student refuses a teacher that saw protocol test exams."""
+    import shutil
+
+    from fetalhc.model import read_checkpoint
+    from fetalhc.protocol import seen_exams
+
+    root = tmp_path / "hc18"
+    shutil.copytree(samples_dir, root / "training_set")
+    shutil.move(root / "training_set" / hc18.TRAIN_CSV, root / hc18.TRAIN_CSV)
+    (root / "test_set").mkdir()
+    with open(root / hc18.TEST_CSV, "w", newline="") as f:  # two unlabelled images, as HC18's test set
+        f.write("filename,pixel size(mm)\n")
+        for i, name in enumerate(("507_HC.png", "011_HC.png")):
+            shutil.copy(samples_dir / name, root / "test_set" / f"{i:03d}_HC.png")
+            f.write(f"{i:03d}_HC.png,{hc18.read_records(samples_dir)[0].pixel_mm}\n")
+    base = ["train-refiner", "--hc18", root, "--model", tiny_run["best_path"], "--iters", "2", "--batch-size", "2",
+            "--threads", "1"]
+    code, text, err = run(*base, "--out", tmp_path / "t.pt", "--teacher", default_model)
+    assert code == 2 and "add --pseudo-labels" in err and "Traceback" not in err
+    code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels")  # tiny_run has no second stage
+    assert code == 2 and "no second stage" in err and "Traceback" not in err
+    code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels", "--teacher", default_model, "--protocol")
+    assert code == 2 and "saw protocol test exams" in err and "Traceback" not in err
+    assert not (tmp_path / "t.pt").exists()
+    code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels", "--teacher", default_model)
+    assert code == 0, err
+    pseudo = read_checkpoint(tmp_path / "t.pt")["refiner_data"]["pseudo_labels"]
+    assert pseudo["of"] == 2 and 1 <= pseudo["images"] <= 2 and pseudo["teacher"].startswith("fetalhc_default-")
+    assert f"pseudo-labels: {pseudo['images']} of 2" in err
+    names = [r.name for r in hc18.read_records(root)]
+    student = seen_exams(read_checkpoint(tmp_path / "t.pt"), names)
+    teacher = seen_exams(read_checkpoint(default_model), names)  # all 798 images' exams
+    assert teacher <= student and {hc18.exam_of(n) for n in names} <= teacher
+    assert not teacher <= seen_exams(read_checkpoint(tiny_run["best_path"]), names)  # the teacher's added
+
+
 def test_export_model_halves_and_drops_optimizer(tiny_run, tmp_path):
     from fetalhc.model import load_model, read_checkpoint
     code, out, err = run("export-model", tiny_run["last_path"], tmp_path / "small.pt")

@@ -127,10 +127,13 @@ def _train_refiner(args) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     chosen = (("span", args.span), ("depth", args.depth), ("n_radii", args.radii))
     cfg = RefinerConfig(passes=args.passes, **{k: v for k, v in chosen if v is not None})  # before reading images
+    if args.teacher and not args.pseudo_labels:
+        raise ValueError("--teacher only outlines --pseudo-labels images: add --pseudo-labels")
     samples = hc18_samples(args.hc18)
+    labelled = [s.name for s in samples]
     if args.protocol:
         from .protocol import protocol_split
-        dev = set(protocol_split([s.name for s in samples]).dev)
+        dev = set(protocol_split(labelled).dev)
         samples = [s for s in samples if s.name in dev]
     data = read_checkpoint(args.model).get("data") or {}
     if data.get("train_exams"):  # the first stage's own split: its validation images are new to it
@@ -146,14 +149,41 @@ def _train_refiner(args) -> int:
                            angle_sd=base.angle_sd * k,
                            wide_fraction=args.wide_fraction, oversample_small=args.oversample_small,
                            polar_augment=args.polar_augment, size_weighted=args.size_weighted)
+    pseudo, pseudo_info = _pseudo_labels(args, labelled) if args.pseudo_labels else (None, None)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
-                            cfg=cfg, tc=tc,
+                            cfg=cfg, tc=tc, pseudo=pseudo, pseudo_info=pseudo_info,
                             fine_tune=not args.from_scratch,
                             resume=args.resume,
                             progress=lambda r: print(_refine_line(r, args.iters), flush=True),
                             data_summary={"source": f"HC18 {Path(args.hc18).name}", "protocol": args.protocol})
     print(f"both stages -> {res['path']} ({res['seconds'] / 60:.1f} min)")
     return 0
+
+
+def _pseudo_labels(args, labelled: list[str]) -> tuple[list, dict]:
+    """The HC18 folder's unlabelled test-set images outlined by the teacher (QC-passed results only), and
+    their provenance: what the teacher saw counts as seen by the student (``fetalhc.protocol.seen_exams``)."""
+    from . import hc18
+    from .model import CheckpointError, load_model
+    from .protocol import protocol_split, seen_exams
+    from .refine_train import pseudo_samples
+
+    path = args.teacher or args.model
+    teacher, meta = load_model(path)
+    if teacher.fetalhc_refiner is None:
+        raise CheckpointError(f"{path} has no second stage to make pseudo-labels with: pass --teacher CKPT "
+                              "(a two-stage checkpoint)")
+    seen = seen_exams(meta, labelled)
+    test = {hc18.exam_of(n) for n in protocol_split(labelled).test}
+    if args.protocol and (seen is None or seen & test):
+        raise ValueError(f"{path} saw protocol test exams (or does not say what it saw): its pseudo-labels would "
+                         "carry them into a --protocol model; pass a --teacher trained with --protocol")
+    records = hc18.read_records(args.hc18, "test")
+    out = pseudo_samples(teacher, records)
+    print(f"pseudo-labels: {len(out)} of {len(records)} unlabelled test-set images, QC passed by "
+          f"{meta.get('version', '')}", file=sys.stderr)
+    return out, {"images": len(out), "of": len(records), "teacher": meta.get("version", ""),
+                 "teacher_seen_exams": None if seen is None else sorted(seen)}
 
 
 def _refine_line(r: dict, total: int) -> str:
@@ -401,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--polar-augment", action="store_true",
                    help="also train on polar images degraded as ultrasound hides a skull: grey response, acoustic "
                         "shadows, speckle (fetalhc.refine_train.degrade)")
+    f.add_argument("--pseudo-labels", action="store_true",
+                   help="also train on the HC18 folder's unlabelled test-set images, outlined by --teacher where "
+                        "its QC passed (none of them is a labelled training or protocol image)")
+    f.add_argument("--teacher", help="two-stage checkpoint that outlines the --pseudo-labels images "
+                                     "(default: --model, when it has a second stage)")
     f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
     f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
     f.add_argument("--threads", type=int, help="CPU threads for torch")

@@ -64,13 +64,18 @@ def seen_exams(meta: dict, all_names: list[str]) -> set[str] | None:
     """Exams a checkpoint trained on or was chosen on; None when its provenance is unknown.
 
     New checkpoints list ``train_exams`` and ``val_exams``, and under ``init_data`` what the checkpoint
-    they were fine-tuned from saw; ``refiner_data`` is the same for the second stage. Older ones trained
+    they were fine-tuned from saw; ``refiner_data`` is the same for the second stage, and what the teacher
+    of its pseudo-labels saw counts too. Older ones trained
     on all of HC18 except ``val_exams``, and were chosen on ``val_exams``: every exam counts as seen.
     """
     if meta.get("refiner_data"):  # a second stage trained and validated on its own exams
         first = seen_exams({k: v for k, v in meta.items() if k != "refiner_data"}, all_names)
         second = seen_exams({"data": meta["refiner_data"]}, all_names)
-        return None if first is None or second is None else first | second
+        pseudo = meta["refiner_data"].get("pseudo_labels") or {}
+        teacher = set(pseudo["teacher_seen_exams"]) if pseudo.get("teacher_seen_exams") is not None else None
+        if first is None or second is None or (pseudo and teacher is None):
+            return None
+        return first | second | (teacher or set())
     data = meta.get("data") or {}
     if "train_exams" in data:
         seen = set(data["train_exams"]) | set(data.get("val_exams", []))

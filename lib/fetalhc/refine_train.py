@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .data import small_head_weights
+from .hc18 import read_grey
 from .geometry import Ellipse, fit_mask, fit_points
 from .refine import (OutlineNet, Refiner, RefinerConfig, inside_image, ray_crossings, ray_points, refine_points,
                      standardise, unwrap)
@@ -295,13 +296,29 @@ def refine_samples(samples, with_start_from=None) -> list[RefineSample]:
     return out
 
 
+def pseudo_samples(teacher, records) -> list[RefineSample]:
+    """Unlabelled images (:class:`fetalhc.hc18.Record`) outlined by a two-stage ``teacher`` model: its
+    ellipse becomes the target where its QC passed; images it flags or misses are left out."""
+    from .io import Spacing
+    from .pipeline import measure_image
+    out = []
+    for r in records:
+        pixels = read_grey(r.image)
+        res = measure_image(teacher, pixels, Spacing(r.pixel_mm, r.pixel_mm, "pixel CSV"))
+        if res.qc_ok and res.ellipse_px is not None:
+            out.append(RefineSample(pixels, res.ellipse_px, r.pixel_mm, f"pseudo:{r.name}"))
+    return out
+
+
 def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, work_dir: str | Path, *,
                       cfg: RefinerConfig | None = None, tc: RefineTrainConfig = RefineTrainConfig(),
                       fine_tune: bool = True, resume: bool = False, progress=print, should_stop=None,
-                      data_summary: dict | None = None, device: str | None = None) -> dict:
-    """Train the second stage for the first-stage checkpoint ``ckpt_in`` on ``train`` (Samples) and write
-    both stages to ``ckpt_out``. ``fine_tune`` starts from ``ckpt_in``'s refiner when it has one (and keeps
-    its config). Validation (``val``) starts from the first stage's own ellipses."""
+                      data_summary: dict | None = None, device: str | None = None,
+                      pseudo: list[RefineSample] | None = None, pseudo_info: dict | None = None) -> dict:
+    """Train the second stage for the first-stage checkpoint ``ckpt_in`` on ``train`` (Samples, plus any
+    ``pseudo``-labelled :class:`RefineSample`) and write both stages to ``ckpt_out``. ``fine_tune`` starts
+    from ``ckpt_in``'s refiner when it has one (and keeps its config). Validation (``val``) starts from the
+    first stage's own ellipses."""
     from .model import attach_refiner, load_model, read_checkpoint, save_checkpoint
     blob = read_checkpoint(ckpt_in)
     model, _ = load_model(ckpt_in)
@@ -311,7 +328,8 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
     if init is not None:  # a fine-tune also keeps the checkpoint's start perturbations and sampling
         prior = (blob.get("refiner_data") or {}).get("train_config") or {}
         tc = replace(tc, **{k: prior[k] for k in START_RECIPE if k in prior})
-    result = train_refiner(refine_samples(train), refine_samples(val, with_start_from=model), work_dir, cfg, tc,
+    result = train_refiner(refine_samples(train) + list(pseudo or []), refine_samples(val, with_start_from=model),
+                           work_dir, cfg, tc,
                            init=init, resume=resume, progress=progress, should_stop=should_stop, device=device)
     model.fetalhc_refiner = result["refiner"]
     meta = {k: v for k, v in blob.items() if k not in ("format", "config", "state_dict", "refiner",
@@ -319,6 +337,8 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
     lineage = (blob.get("refiner_data") or {}) if fine_tune and init is not None else {}
     meta["refiner_data"] = {**(data_summary or {}), "train_images": len(train), "val_images": len(val),
                             "train_exams": sorted({s.group for s in train}), "val_exams": sorted({s.group for s in val}),
+                            # not in train_exams (they are no HC18 training exam); their teacher's exams count
+                            "pseudo_labels": pseudo_info if pseudo else None,
                             "init_data": lineage or None, "train_config": asdict(tc), "history": result["history"],
                             "seconds": round(result["seconds"], 1)}
     half = any(v.dtype == torch.float16 for v in blob["state_dict"].values() if v.is_floating_point())

@@ -47,6 +47,15 @@ def test_provenance_of_checkpoints():
     assert seen_test_images({"data": {"train_exams": ["001"], "val_exams": [], "init_data": legacy["data"]}},
                             split) == split.test  # fine-tuned from a model that saw everything
     assert seen_test_images({"data": {"source": "MONAI Label datastore final labels"}}, split) is None
+    # a second stage trained on a teacher's pseudo-labels has seen what the teacher saw, also after a fine-tune
+    taught = {"train_exams": ["001"], "val_exams": [], "pseudo_labels": {"images": 9, "teacher_seen_exams": [t[0]]}}
+    clean_first = {"data": {"train_exams": ["001"], "val_exams": []}}
+    assert seen_test_images({**clean_first, "refiner_data": taught}, split) == [
+        n for n in split.test if hc18.exam_of(n) == t[0]]
+    tuned = {"train_exams": ["001"], "val_exams": [], "init_data": taught}
+    assert seen_test_images({**clean_first, "refiner_data": tuned}, split)
+    unknown = {**taught, "pseudo_labels": {"images": 9, "teacher_seen_exams": None}}
+    assert seen_test_images({**clean_first, "refiner_data": unknown}, split) is None
 
 
 def _row(name, true, pred, qc_ok=True):

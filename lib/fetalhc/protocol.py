@@ -71,11 +71,7 @@ def seen_exams(meta: dict, all_names: list[str]) -> set[str] | None:
     if meta.get("refiner_data"):  # a second stage trained and validated on its own exams
         first = seen_exams({k: v for k, v in meta.items() if k != "refiner_data"}, all_names)
         second = seen_exams({"data": meta["refiner_data"]}, all_names)
-        pseudo = meta["refiner_data"].get("pseudo_labels") or {}
-        teacher = set(pseudo["teacher_seen_exams"]) if pseudo.get("teacher_seen_exams") is not None else None
-        if first is None or second is None or (pseudo and teacher is None):
-            return None
-        return first | second | (teacher or set())
+        return None if first is None or second is None else first | second
     data = meta.get("data") or {}
     if "train_exams" in data:
         seen = set(data["train_exams"]) | set(data.get("val_exams", []))
@@ -83,6 +79,11 @@ def seen_exams(meta: dict, all_names: list[str]) -> set[str] | None:
         return {hc18.exam_of(n) for n in all_names}
     else:
         return None
+    pseudo = data.get("pseudo_labels")
+    if pseudo:  # trained on a teacher's outlines: what the teacher saw counts too
+        if pseudo.get("teacher_seen_exams") is None:
+            return None
+        seen |= set(pseudo["teacher_seen_exams"])
     if data.get("init_data") is not None:  # fine-tuned: what the starting checkpoint saw counts too
         earlier = seen_exams({"data": data["init_data"]}, all_names)
         return None if earlier is None else seen | earlier

@@ -63,10 +63,10 @@ def dev_folds(dev: list[str], k: int = 5, seed: int = 0) -> list[tuple[list[str]
 def seen_exams(meta: dict, all_names: list[str]) -> set[str] | None:
     """Exams a checkpoint trained on or was chosen on; None when its provenance is unknown.
 
-    New checkpoints list ``train_exams`` and ``val_exams``, and under ``init_data`` what the checkpoint
-    they were fine-tuned from saw; ``refiner_data`` is the same for the second stage, and what the teacher
-    of its pseudo-labels saw counts too. Older ones trained
-    on all of HC18 except ``val_exams``, and were chosen on ``val_exams``: every exam counts as seen.
+    New checkpoints list ``train_exams`` and ``val_exams``, under ``init_data`` what the checkpoint they
+    were fine-tuned from saw, and under ``pseudo_labels`` what the teacher of their pseudo-labels saw;
+    ``refiner_data`` is the same for the second stage. Older ones trained on all of HC18 except
+    ``val_exams``, and were chosen on ``val_exams``: every exam counts as seen.
     """
     if meta.get("refiner_data"):  # a second stage trained and validated on its own exams
         first = seen_exams({k: v for k, v in meta.items() if k != "refiner_data"}, all_names)

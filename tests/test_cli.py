@@ -151,8 +151,8 @@ def test_train_refiner_adds_a_second_stage_resumes_and_fine_tunes(tiny_run, samp
     code, text, err = run(*base, "--iters", "4", "--radii", "1")
     assert code == 2 and "1 radii (>= 2)" in err and "Traceback" not in err
     code, text, err = run(*base, "--iters", "2", "--wide-fraction", "0.5", "--oversample-small", "2",
-                          "--start-spread", "0.5", "--depth", "2", "--polar-augment", "--radii", "48", "--size-weighted",
-                          "--out", tmp_path / "wide.pt")
+                          "--start-spread", "0.5", "--depth", "2", "--polar-augment", "--radii", "48",
+                          "--size-weighted", "--out", tmp_path / "wide.pt")
     assert code == 0, err
     assert read_checkpoint(tmp_path / "wide.pt")["refiner"]["config"]["depth"] == 2
     assert read_checkpoint(tmp_path / "wide.pt")["refiner"]["config"]["n_radii"] == 48
@@ -195,7 +195,8 @@ def test_train_refiner_with_pseudo_labels_records_the_teacher(tiny_run, samples_
     assert code == 2 and "add --pseudo-labels" in err and "Traceback" not in err
     code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels")  # tiny_run has no second stage
     assert code == 2 and "no second stage" in err and "Traceback" not in err
-    code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels", "--teacher", default_model, "--protocol")
+    code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels", "--teacher", default_model,
+                          "--protocol")
     assert code == 2 and "saw protocol test exams" in err and "Traceback" not in err
     assert not (tmp_path / "t.pt").exists()
     code, text, err = run(*base, "--out", tmp_path / "t.pt", "--pseudo-labels", "--teacher", default_model)

@@ -165,7 +165,7 @@ def _pseudo_labels(args, labelled: list[str]) -> tuple[list, dict]:
     their provenance: what the teacher saw counts as seen by the student (``fetalhc.protocol.seen_exams``)."""
     from . import hc18
     from .model import CheckpointError, load_model
-    from .protocol import protocol_split, seen_exams
+    from .protocol import protocol_split, seen_exams, seen_test_images
     from .refine_train import pseudo_samples
 
     path = args.teacher or args.model
@@ -174,8 +174,8 @@ def _pseudo_labels(args, labelled: list[str]) -> tuple[list, dict]:
         raise CheckpointError(f"{path} has no second stage to make pseudo-labels with: pass --teacher CKPT "
                               "(a two-stage checkpoint)")
     seen = seen_exams(meta, labelled)
-    test = {hc18.exam_of(n) for n in protocol_split(labelled).test}
-    if args.protocol and (seen is None or seen & test):
+    seen_test = seen_test_images(meta, protocol_split(labelled))
+    if args.protocol and (seen_test is None or seen_test):
         raise ValueError(f"{path} saw protocol test exams (or does not say what it saw): its pseudo-labels would "
                          "carry them into a --protocol model; pass a --teacher trained with --protocol")
     records = hc18.read_records(args.hc18, "test")

@@ -231,7 +231,8 @@ def format_table(s: dict, title: str) -> str:
         if b["n"]:
             a = b["adf_mm"]
             lines.append(f"| {label} | {b['n']} | {a['mean']:.2f} ± {a['sd']:.2f} | {a['median']:.2f} | "
-                         f"{a['p95']:.2f} | {a['worst']:.2f} | {b['df_median_mm']:+.2f} | {100 * b['dice']['mean']:.2f} | "
+                         f"{a['p95']:.2f} | {a['worst']:.2f} | {b['df_median_mm']:+.2f} | "
+                         f"{100 * b['dice']['mean']:.2f} | "
                          f"{b.get('hausdorff_mm', {'mean': math.nan})['mean']:.2f} |")  # NaN: every head missed
         else:
             lines.append(f"| {label} | 0 |" + " – |" * 7)

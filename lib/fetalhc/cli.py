@@ -152,11 +152,45 @@ def _train_refiner(args) -> int:
     pseudo, pseudo_info = _pseudo_labels(args, labelled) if args.pseudo_labels else (None, None)
     res = refine_checkpoint(args.model, args.out, train, val, Path(args.out).with_suffix(".work"),
                             cfg=cfg, tc=tc, pseudo=pseudo, pseudo_info=pseudo_info,
-                            fine_tune=not args.from_scratch,
+                            fine_tune=not args.from_scratch, stage1_weight=args.stage1_weight,
                             resume=args.resume,
                             progress=lambda r: print(_refine_line(r, args.iters), flush=True),
                             data_summary={"source": f"HC18 {Path(args.hc18).name}", "protocol": args.protocol})
-    print(f"both stages -> {res['path']} ({res['seconds'] / 60:.1f} min)")
+    print(f"both stages -> {res['path']} ({res['seconds'] / 60:.1f} min); {_blend_line(res['stage_blend'])}")
+    return 0
+
+
+def _blend_line(b: dict) -> str:
+    kept = " (too few images to calibrate: kept as it was)" if b.get("kept") else ""
+    return f"stage blend: weight {b['weight']:.2f}, k {b['scale']:.4f} from {b['images']} images{kept}"
+
+
+def _blend_stages(args) -> int:
+    import torch
+
+    from .data import hc18_samples
+    from .model import CheckpointError, load_model, portable_meta, read_checkpoint, save_checkpoint
+    from .refine_train import MIN_SCALE_IMAGES, blend_stages
+
+    weight = args.weight
+    if not 0 <= weight < 1:
+        raise ValueError(f"--weight {weight} is out of range (0 <= weight < 1)")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model, meta = load_model(args.checkpoint)
+    if model.fetalhc_refiner is None:
+        raise CheckpointError(f"{args.checkpoint} has no second stage to blend with its first")
+    data = meta.get("refiner_data") or {}
+    exams = set(data.get("train_exams") or [])
+    samples = [s for s in hc18_samples(args.hc18) if s.group in exams]
+    if len(samples) < MIN_SCALE_IMAGES:  # k is a median over them
+        raise ValueError(f"{args.hc18} holds {len(samples)} of the images {args.checkpoint}'s second stage trained on "
+                         f"(its refiner_data lists {len(exams)} exams); at least {MIN_SCALE_IMAGES} are needed")
+    model.fetalhc_refiner, blend = blend_stages(model, model.fetalhc_refiner, samples, weight)
+    half = any(v.dtype == torch.float16 for v in read_checkpoint(args.checkpoint)["state_dict"].values()
+               if v.is_floating_point())
+    keep = portable_meta(meta, "refiner_config", "refiner_data")
+    out = save_checkpoint(args.out, model, half=half, **keep, refiner_data={**data, "stage_blend": blend})
+    print(f"{_blend_line(blend)} -> {out}")
     return 0
 
 
@@ -436,12 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "its QC passed (none of them is a labelled training or protocol image)")
     f.add_argument("--teacher", help="two-stage checkpoint that outlines the --pseudo-labels images "
                                      "(default: --model, when it has a second stage)")
+    f.add_argument("--stage1-weight", type=float,
+                   help="weight of the first stage's HC in the reported one (fetalhc.refine.blend_outline; default: "
+                        "a fine-tune keeps the checkpoint's, a new second stage uses refine_train.STAGE1_WEIGHT)")
     f.add_argument("--from-scratch", action="store_true", help="do not start from the checkpoint's own refiner")
     f.add_argument("--resume", action="store_true", help="continue OUT.work/refiner_last.pt")
     f.add_argument("--threads", type=int, help="CPU threads for torch")
     f.add_argument("--protocol", action="store_true", help="leave out the protocol's test exams")
     split_args(f)
     f.set_defaults(func=_train_refiner)
+
+    b = sub.add_parser("blend-stages", help="set a two-stage checkpoint's stage blend: its first stage's size bias "
+                                            "measured on the HC18 images its second stage trained on")
+    b.add_argument("checkpoint")
+    b.add_argument("--hc18", required=True, help="HC18 folder with training_set/ and its CSV")
+    b.add_argument("--out", required=True, help="checkpoint to write (same weights, float16 if the input is)")
+    b.add_argument("--weight", type=float, required=True, help="weight of the first stage's HC (0 turns the blend off)")
+    b.add_argument("--threads", type=int, help="CPU threads for torch")
+    b.set_defaults(func=_blend_stages)
 
     e = sub.add_parser("evaluate", help="score an HC18 submission CSV: ADF, DF, Dice, Hausdorff")
     e.add_argument("predictions")

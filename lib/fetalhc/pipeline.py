@@ -16,10 +16,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .geometry import ellipse_mask, largest_component
+from .geometry import ellipse_mask, fit_points, largest_component
 from .io import Spacing
 from .model import CheckpointError, detect, load_model
-from .refine import refine_points, refine_qc
+from .refine import blend_outline, refine_points, refine_qc
 from .result import (OUTLINE_AI, OUTLINE_MASK, Result, agreement_reasons, measure_points, measure_region,
                      zoom_reasons)
 
@@ -124,11 +124,13 @@ def _refined(refiner, pixels: np.ndarray, spacing: Spacing | None, first: Result
     """The second stage's outline from the first stage's ellipse, with the QC of both stages; the mask
     returned is the refined ellipse, so that re-measuring it (Slicer, a saved label) gives the same HC."""
     pts, conf = refine_points(refiner, pixels, first.ellipse_px)
-    res = measure_points(pts, spacing, image_shape=pixels.shape,
+    e = fit_points(pts)
+    stage_qc = refine_qc(first, e, pts, conf)  # QC reads the second stage's own outline, before the blend
+    res = measure_points(blend_outline(refiner.cfg, first.hc_px, pts, e), spacing, image_shape=pixels.shape,
                          qc_reasons=reasons + agreement_reasons(first.extra["mask_ellipse_dice"]), **kw)
-    stage_qc = refine_qc(first, res.ellipse_px, pts, conf)
     res.qc_reasons += stage_qc["reasons"]  # _finish sets qc_ok from the reasons
-    res.extra.update(mask_ellipse_dice=first.extra["mask_ellipse_dice"], **stage_qc["extra"])
+    res.extra.update(mask_ellipse_dice=first.extra["mask_ellipse_dice"], **stage_qc["extra"],
+                     stage2_hc_px=round(e.perimeter, 2), stage1_weight=refiner.cfg.stage1_weight)
     return res, ellipse_mask(res.ellipse_px, pixels.shape)
 
 

@@ -12,8 +12,9 @@ points that lie inside the image.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -34,13 +35,18 @@ class RefinerConfig:
     depth: int = 3  # U-Net levels; each one more halves the polar grid again and widens what a ray's reading sees
     passes: int = 3  # unwrap again around the refined ellipse (3 beat 1 and 2: benchmarks/refiner_settings.py)
     flip_average: bool = False  # also read the polar image mirrored along the angle (no gain on development images)
+    # The reported HC blends in the first stage's (``blend_outline``): weight w, and k = its size bias on the
+    # training images (median true HC / first-stage HC). w = 0: the second stage alone (checkpoints before it).
+    stage1_weight: float = 0.0
+    stage1_scale: float = 1.0
 
     def __post_init__(self):
         if (not 0 < self.span < 1 or self.passes < 1 or self.n_radii < 2 or self.n_angles < 8
-                or not 2 <= self.depth <= 5):
+                or not 2 <= self.depth <= 5 or not 0 <= self.stage1_weight < 1 or not 0.5 < self.stage1_scale < 2):
             raise ValueError(f"refiner settings out of range: span {self.span} (needs 0 < span < 1), passes "
                              f"{self.passes} (>= 1), {self.n_radii} radii (>= 2), {self.n_angles} angles (>= 8), "
-                             f"depth {self.depth} (2-5)")
+                             f"depth {self.depth} (2-5), stage-1 weight {self.stage1_weight} (0 <= w < 1), "
+                             f"stage-1 scale {self.stage1_scale} (0.5-2)")
 
 
 def fractions(cfg: RefinerConfig) -> np.ndarray:
@@ -184,6 +190,12 @@ class Refiner:
         state = {k: v.half() if half and v.is_floating_point() else v for k, v in self.net.state_dict().items()}
         return {"config": asdict(self.cfg), "state_dict": state}
 
+    def with_blend(self, weight: float, scale: float) -> "Refiner":
+        """The same weights with the stage blend set (``blend_outline``); this refiner is left as it is."""
+        net = copy.copy(self.net)  # shares the parameters, not the config
+        net.cfg = replace(self.cfg, stage1_weight=float(weight), stage1_scale=float(scale))
+        return Refiner(net)
+
     def describe(self) -> dict:
         return {**asdict(self.cfg), "parameters": sum(p.numel() for p in self.net.parameters())}
 
@@ -205,6 +217,21 @@ def refine_points(refiner: Refiner, pixels: np.ndarray, start: Ellipse) -> tuple
         if k + 1 < refiner.cfg.passes:
             e = fit_points(pts)
     return pts, conf
+
+
+def blend_outline(cfg: RefinerConfig, first_hc_px: float, pts: np.ndarray, e: Ellipse) -> np.ndarray:
+    """The refined outline ``pts`` (fitted by ``e``) scaled about ``e``'s centre so that its perimeter is
+    (1 - w) x the second stage's + w x k x the first stage's (``cfg.stage1_weight``, ``cfg.stage1_scale``).
+
+    Why: the first stage reads the whole head at 320 px, the second the edge ray by ray; on development
+    images their HC errors correlate only ~0.3, so the blend averages part of each one's error away (the
+    second stage's lies mostly in the long axis, where the lateral skull walls are dim). Scaling the points,
+    not just the number, keeps the mask, overlay and BPD/OFD consistent with the HC.
+    """
+    w = cfg.stage1_weight
+    f = 1.0 - w + w * cfg.stage1_scale * first_hc_px / e.perimeter
+    centre = np.array([e.cx, e.cy])
+    return centre + f * (np.asarray(pts, float) - centre)
 
 
 # QC of the two stages together. Each threshold is the 98th percentile (2nd for the confidence), rounded

@@ -310,15 +310,40 @@ def pseudo_samples(teacher, records) -> list[RefineSample]:
     return out
 
 
+# The stage blend's weight for a new second stage (fetalhc.refine.blend_outline): off until a trial adopts it
+# (models/protocol/stage_blend/).
+STAGE1_WEIGHT = 0.0
+MIN_SCALE_IMAGES = 20  # k is a median over images: with fewer, a training leaves the blend as it was
+
+
+def blend_stages(model, refiner: Refiner, samples, weight: float) -> tuple[Refiner, dict]:
+    """``refiner`` with the stage blend: ``weight``, and k = the median of true HC / first-stage HC of
+    ``model``'s first stage on ``samples`` (labelled Samples: the second stage's training images). With
+    fewer than MIN_SCALE_IMAGES usable images ``refiner`` is returned as it is (a fine-tune on a few labels
+    keeps the checkpoint's blend; a new second stage stays unblended)."""
+    attached, model.fetalhc_refiner = getattr(model, "fetalhc_refiner", None), None  # the first stage alone
+    try:
+        starts = refine_samples(samples, with_start_from=model)
+    finally:
+        model.fetalhc_refiner = attached
+    if len(starts) < MIN_SCALE_IMAGES:
+        return refiner, {"weight": refiner.cfg.stage1_weight, "scale": refiner.cfg.stage1_scale,
+                         "images": len(starts), "kept": True}
+    scale = float(np.median([s.gt.perimeter / s.start.perimeter for s in starts]))
+    return refiner.with_blend(weight, scale), {"weight": weight, "scale": round(scale, 5), "images": len(starts)}
+
+
 def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, work_dir: str | Path, *,
                       cfg: RefinerConfig | None = None, tc: RefineTrainConfig = RefineTrainConfig(),
                       fine_tune: bool = True, resume: bool = False, progress=print, should_stop=None,
                       data_summary: dict | None = None, device: str | None = None,
-                      pseudo: list[RefineSample] | None = None, pseudo_info: dict | None = None) -> dict:
+                      pseudo: list[RefineSample] | None = None, pseudo_info: dict | None = None,
+                      stage1_weight: float | None = None) -> dict:
     """Train the second stage for the first-stage checkpoint ``ckpt_in`` on ``train`` (Samples, plus any
     ``pseudo``-labelled :class:`RefineSample`) and write both stages to ``ckpt_out``. ``fine_tune`` starts
     from ``ckpt_in``'s refiner when it has one (and keeps its config). Validation (``val``) starts from the
-    first stage's own ellipses."""
+    first stage's own ellipses. The stage blend is then calibrated on ``train`` (:func:`blend_stages`) with
+    ``stage1_weight`` (default: a fine-tune's own, else STAGE1_WEIGHT)."""
     from .model import attach_refiner, load_model, read_checkpoint, save_checkpoint
     blob = read_checkpoint(ckpt_in)
     model, _ = load_model(ckpt_in)
@@ -331,7 +356,8 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
     result = train_refiner(refine_samples(train) + list(pseudo or []), refine_samples(val, with_start_from=model),
                            work_dir, cfg, tc,
                            init=init, resume=resume, progress=progress, should_stop=should_stop, device=device)
-    model.fetalhc_refiner = result["refiner"]
+    weight = stage1_weight if stage1_weight is not None else init.cfg.stage1_weight if init else STAGE1_WEIGHT
+    model.fetalhc_refiner, blend = blend_stages(model, result["refiner"], train, weight)
     meta = {k: v for k, v in blob.items() if k not in ("format", "config", "state_dict", "refiner",
                                                       "optimizer", "scheduler")}
     lineage = (blob.get("refiner_data") or {}) if fine_tune and init is not None else {}
@@ -339,8 +365,9 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
                             "train_exams": sorted({s.group for s in train}), "val_exams": sorted({s.group for s in val}),
                             # not in train_exams (they are no HC18 training exam); their teacher's exams count
                             "pseudo_labels": pseudo_info if pseudo else None,
-                            "init_data": lineage or None, "train_config": asdict(tc), "history": result["history"],
+                            "init_data": lineage or None, "train_config": asdict(tc), "stage_blend": blend,
+                            "history": result["history"],
                             "seconds": round(result["seconds"], 1)}
     half = any(v.dtype == torch.float16 for v in blob["state_dict"].values() if v.is_floating_point())
     save_checkpoint(ckpt_out, model, half=half, **meta)
-    return {**result, "path": str(ckpt_out)}
+    return {**result, "refiner": model.fetalhc_refiner, "stage_blend": blend, "path": str(ckpt_out)}

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 from fetalhc import hc18
 from fetalhc.evaluate import SUBMISSION_HEADER, submission_row
@@ -209,6 +210,37 @@ def test_train_refiner_with_pseudo_labels_records_the_teacher(tiny_run, samples_
     teacher = seen_exams(read_checkpoint(default_model), names)  # all 798 images' exams
     assert teacher <= student and {hc18.exam_of(n) for n in names} <= teacher
     assert not teacher <= seen_exams(read_checkpoint(tiny_run["best_path"]), names)  # the teacher's added
+
+
+def test_blend_stages_calibrates_on_the_images_the_second_stage_trained_on(samples_dir, default_model, tmp_path,
+                                                                          monkeypatch, capsys):
+    from fetalhc import cli, refine_train
+    from fetalhc.io import load_image
+    from fetalhc.model import load_model, read_checkpoint
+    from fetalhc.pipeline import Measurer
+
+    out = tmp_path / "blended.pt"
+    assert cli.main(["blend-stages", str(default_model), "--hc18", str(samples_dir), "--weight", "0.3",
+                     "--out", str(out)]) == 2  # 8 shipped images: too few for the median
+    assert "at least 20" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["blend-stages", str(default_model), "--hc18", str(samples_dir), "--weight", "1.5",
+                     "--out", str(out)]) == 2
+    monkeypatch.setattr(refine_train, "MIN_SCALE_IMAGES", 4)
+    assert cli.main(["blend-stages", str(default_model), "--hc18", str(samples_dir), "--weight", "0.3",
+                     "--out", str(out)]) == 0
+    blend = read_checkpoint(out)["refiner_data"]["stage_blend"]
+    assert blend["images"] == 8 and blend["weight"] == 0.3 and 0.97 < blend["scale"] < 1.03
+    cfg = load_model(out)[0].fetalhc_refiner.cfg
+    assert (cfg.stage1_weight, cfg.stage1_scale) == (0.3, blend["scale"])
+    assert str(read_checkpoint(out)["state_dict"]["roi_heads.box_head.fc6.weight"].dtype) == "torch.float16"
+    rec = hc18.read_records(samples_dir)[0]
+    img = load_image(rec.image, pixel_csv=samples_dir / hc18.TRAIN_CSV)
+    m = Measurer(out, "cpu").measure(img.pixels, img.spacing)
+    x = m.extra
+    assert m.hc_px == pytest.approx(0.7 * x["stage2_hc_px"] + 0.3 * blend["scale"] * x["stage1_hc_px"], rel=1e-3)
+    plain = tmp_path / "plain.pt"
+    assert cli.main(["blend-stages", str(out), "--hc18", str(samples_dir), "--weight", "0", "--out", str(plain)]) == 0
+    assert Measurer(plain, "cpu").measure(img.pixels, img.spacing).hc_px == pytest.approx(x["stage2_hc_px"], abs=0.01)
 
 
 def test_export_model_halves_and_drops_optimizer(tiny_run, tmp_path):

@@ -9,7 +9,7 @@ from fetalhc.data import Sample
 from fetalhc.geometry import Ellipse, ellipse_mask, fit_points, radial_residual
 from fetalhc.model import build_model, load_model, save_checkpoint
 from fetalhc.protocol import seen_exams
-from fetalhc.refine import (OutlineNet, Refiner, RefinerConfig, ray_crossings, ray_points,
+from fetalhc.refine import (OutlineNet, Refiner, RefinerConfig, blend_outline, ray_crossings, ray_points,
                             refine_points, refine_qc, unwrap)
 from fetalhc.refine_train import RefineSample, RefineTrainConfig, _orient, loss_fn, targets, train_refiner
 from fetalhc.result import measure_points
@@ -155,6 +155,46 @@ def test_checkpoint_carries_both_stages_and_the_pipeline_uses_them(tmp_path):
     b, _ = refine_points(model.fetalhc_refiner, img, e)
     assert np.abs(a - b).max() < 0.05  # float16 storage
     assert seen_exams(meta, ["1_HC.png", "2_HC.png", "3_HC.png", "4_HC.png"]) == {"1", "2", "3"}
+
+
+def test_stage_blend_scales_the_outline_to_the_blended_perimeter():
+    e = Ellipse.make(200, 150, 90, 60, 0.3)
+    pts = e.points(64)
+    first_hc = 0.9 * e.perimeter  # a first stage 10 % short
+    assert np.allclose(blend_outline(RefinerConfig(), first_hc, pts, e), pts)  # w = 0: the second stage alone
+    blended = fit_points(blend_outline(RefinerConfig(stage1_weight=0.3, stage1_scale=1.01), first_hc, pts, e))
+    assert blended.perimeter == pytest.approx(0.7 * e.perimeter + 0.3 * 1.01 * first_hc, rel=1e-9)
+    assert (blended.cx, blended.cy, blended.angle) == pytest.approx((e.cx, e.cy, e.angle))
+    assert blended.b / blended.a == pytest.approx(e.b / e.a)  # the same shape, resized
+    for bad in ({"stage1_weight": 1.0}, {"stage1_weight": -0.1}, {"stage1_scale": 3.0}):
+        with pytest.raises(ValueError, match="stage-1"):
+            RefinerConfig(**bad)
+    blob = Refiner(OutlineNet(RefinerConfig(width=8))).to_blob()
+    for k in ("stage1_weight", "stage1_scale"):
+        del blob["config"][k]  # written before the blend existed: read as before
+    assert Refiner.from_blob(blob).cfg.stage1_weight == 0.0
+
+
+def test_pipeline_reports_the_blended_hc_and_qc_reads_the_second_stage_alone():
+    from fetalhc.io import Spacing
+    from fetalhc.pipeline import _refined
+    from fetalhc.result import measure_region
+
+    torch.manual_seed(0)
+    e = Ellipse.make(200, 150, 90, 60, 0.3)
+    img = ring_image(e)
+    first = measure_region(ellipse_mask(Ellipse.make(204, 151, 84, 56, 0.3), img.shape), Spacing(0.1, 0.1, "test"))
+    plain = Refiner(OutlineNet(RefinerConfig(width=8)))
+    blend = plain.with_blend(0.3, 1.02)
+    assert plain.cfg.stage1_weight == 0.0 and blend.net.enc is plain.net.enc  # same weights, own config
+    a, _ = _refined(plain, img, first.spacing, first, [], {})
+    b, _ = _refined(blend, img, first.spacing, first, [], {})
+    assert b.extra["stage2_hc_px"] == pytest.approx(a.hc_px, abs=0.01) and b.extra["stage1_weight"] == 0.3
+    assert b.hc_px == pytest.approx(0.7 * a.hc_px + 0.3 * 1.02 * first.hc_px, rel=1e-4)
+    assert b.hc_mm == pytest.approx(b.hc_px * 0.1, rel=1e-6)
+    assert {k: b.extra[k] for k in ("stage_change", "outline_confidence", "outline_residual")} == \
+        {k: a.extra[k] for k in ("stage_change", "outline_confidence", "outline_residual")}
+    assert b.qc_reasons == a.qc_reasons
 
 
 def test_refine_qc_flags_stage_disagreement_and_irregular_outlines():

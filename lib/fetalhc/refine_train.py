@@ -329,8 +329,8 @@ def blend_stages(model, refiner: Refiner, samples, weight: float) -> tuple[Refin
     if len(starts) < MIN_SCALE_IMAGES:
         return refiner, {"weight": refiner.cfg.stage1_weight, "scale": refiner.cfg.stage1_scale,
                          "images": len(starts), "kept": True}
-    scale = float(np.median([s.gt.perimeter / s.start.perimeter for s in starts]))
-    return refiner.with_blend(weight, scale), {"weight": weight, "scale": round(scale, 5), "images": len(starts)}
+    scale = round(float(np.median([s.gt.perimeter / s.start.perimeter for s in starts])), 5)
+    return refiner.with_blend(weight, scale), {"weight": weight, "scale": scale, "images": len(starts)}
 
 
 def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, work_dir: str | Path, *,

@@ -229,6 +229,8 @@ def blend_outline(cfg: RefinerConfig, first_hc_px: float, pts: np.ndarray, e: El
     not just the number, keeps the mask, overlay and BPD/OFD consistent with the HC.
     """
     w = cfg.stage1_weight
+    if w == 0:
+        return pts
     f = 1.0 - w + w * cfg.stage1_scale * first_hc_px / e.perimeter
     centre = np.array([e.cx, e.cy])
     return centre + f * (np.asarray(pts, float) - centre)

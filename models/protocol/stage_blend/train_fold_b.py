@@ -2,7 +2,7 @@
 exams that the stage-blend decision never saw (none of the protocol model's 133 validation images, no
 protocol test image). Its last epoch is kept (no epoch chosen on the validation images).
 
-    .venv/bin/python models/protocol/stage_blend/train_fold_b.py ../shared/hc18 runs/foldb [--resume]
+    .venv/bin/python models/protocol/stage_blend/train_fold_b.py ../shared/hc18 runs/foldb [--config NAME] [--resume]
 Data: HC18 (van den Heuvel et al., PLoS ONE 2018; Zenodo 10.5281/zenodo.1322001; CC BY 4.0).
 """
 import random
@@ -16,6 +16,7 @@ from fetalhc.protocol import protocol_split
 from fetalhc.train import TrainConfig, fit
 
 hc18_dir, out = sys.argv[1], sys.argv[2]
+config = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else "mobilenet_v3_fpn"
 torch.set_num_threads(2)
 samples = hc18_samples(hc18_dir)
 dev = set(protocol_split([s.name for s in samples]).dev)
@@ -27,7 +28,7 @@ val_exams = set(fresh[:len(seen)])  # as many exams as the protocol model valida
 train = [s for s in samples if s.group not in val_exams]
 val = [s for s in samples if s.group in val_exams]
 print(f"{len(train)} training / {len(val)} validation images ({len(val_exams)} exams, none of the {len(seen)} seen)")
-cfg = TrainConfig(out_dir=out, model="mobilenet_v3_fpn", epochs=12, batch_size=4, lr=1e-3, seed=0,
+cfg = TrainConfig(out_dir=out, model=config, epochs=12, batch_size=4, lr=1e-3, seed=0,
                   resume="--resume" in sys.argv,
                   data_summary={"source": "HC18 fold B (session 14)", "protocol": True,
                                 "license": "HC18 CC BY 4.0, doi:10.5281/zenodo.1322001"})

@@ -161,6 +161,8 @@ def _train_refiner(args) -> int:
 
 
 def _blend_line(b: dict) -> str:
+    if not b["weight"]:
+        return "stage blend off"
     kept = " (too few images to calibrate: kept as it was)" if b.get("kept") else ""
     return f"stage blend: weight {b['weight']:.2f}, k {b['scale']:.4f} from {b['images']} images{kept}"
 

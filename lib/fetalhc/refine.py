@@ -223,10 +223,11 @@ def blend_outline(cfg: RefinerConfig, first_hc_px: float, pts: np.ndarray, e: El
     """The refined outline ``pts`` (fitted by ``e``) scaled about ``e``'s centre so that its perimeter is
     (1 - w) x the second stage's + w x k x the first stage's (``cfg.stage1_weight``, ``cfg.stage1_scale``).
 
-    Why: the first stage reads the whole head at 320 px, the second the edge ray by ray; on development
-    images their HC errors correlate only ~0.3, so the blend averages part of each one's error away (the
-    second stage's lies mostly in the long axis, where the lateral skull walls are dim). Scaling the points,
-    not just the number, keeps the mask, overlay and BPD/OFD consistent with the HC.
+    Why try it: the first stage reads the whole head at 320 px, the second the edge ray by ray, and their HC
+    errors correlate only ~0.3 on the development images that chose the first stage's epoch. Off by default
+    (w = 0): on fresh exams it gained nothing and imported a first-stage miss below QC's threshold
+    (models/protocol/stage_blend/). Scaling the points, not just the number, keeps the mask, overlay and
+    BPD/OFD consistent with the HC.
     """
     w = cfg.stage1_weight
     if w == 0:

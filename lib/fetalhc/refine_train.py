@@ -320,7 +320,10 @@ def blend_stages(model, refiner: Refiner, samples, weight: float) -> tuple[Refin
     """``refiner`` with the stage blend: ``weight``, and k = the median of true HC / first-stage HC of
     ``model``'s first stage on ``samples`` (labelled Samples: the second stage's training images). With
     fewer than MIN_SCALE_IMAGES usable images ``refiner`` is returned as it is (a fine-tune on a few labels
-    keeps the checkpoint's blend; a new second stage stays unblended)."""
+    keeps the checkpoint's blend; a new second stage stays unblended). Weight 0 turns it off, with no
+    calibration run."""
+    if weight == 0:
+        return refiner.with_blend(0.0, 1.0), {"weight": 0.0, "scale": 1.0, "images": 0}
     attached, model.fetalhc_refiner = getattr(model, "fetalhc_refiner", None), None  # the first stage alone
     try:
         starts = refine_samples(samples, with_start_from=model)

@@ -225,6 +225,10 @@ def test_blend_stages_calibrates_on_the_images_the_second_stage_trained_on(sampl
     assert "at least 20" in capsys.readouterr().err and not out.exists()
     assert cli.main(["blend-stages", str(default_model), "--hc18", str(samples_dir), "--weight", "1.5",
                      "--out", str(out)]) == 2
+    assert "stage-1 weight 1.5" in capsys.readouterr().err and not out.exists()
+    code, _, err = run("train-refiner", "--hc18", samples_dir, "--model", default_model, "--out", out,
+                       "--stage1-weight", "1.5")  # refused before any training
+    assert code == 2 and "stage-1 weight 1.5" in err and not out.exists()
     monkeypatch.setattr(refine_train, "MIN_SCALE_IMAGES", 4)
     assert cli.main(["blend-stages", str(default_model), "--hc18", str(samples_dir), "--weight", "0.3",
                      "--out", str(out)]) == 0

@@ -127,6 +127,8 @@ def _train_refiner(args) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     chosen = (("span", args.span), ("depth", args.depth), ("n_radii", args.radii))
     cfg = RefinerConfig(passes=args.passes, **{k: v for k, v in chosen if v is not None})  # before reading images
+    if args.stage1_weight is not None:
+        RefinerConfig(stage1_weight=args.stage1_weight)  # its range check, before the training, not after
     if args.teacher and not args.pseudo_labels:
         raise ValueError("--teacher only outlines --pseudo-labels images: add --pseudo-labels")
     samples = hc18_samples(args.hc18)
@@ -171,12 +173,11 @@ def _blend_stages(args) -> int:
     import torch
 
     from .data import hc18_samples
-    from .model import CheckpointError, load_model, portable_meta, read_checkpoint, save_checkpoint
+    from .model import CheckpointError, load_model, portable_meta, read_checkpoint, save_checkpoint, stored_half
+    from .refine import RefinerConfig
     from .refine_train import MIN_SCALE_IMAGES, blend_stages
 
-    weight = args.weight
-    if not 0 <= weight < 1:
-        raise ValueError(f"--weight {weight} is out of range (0 <= weight < 1)")
+    RefinerConfig(stage1_weight=args.weight)  # its range check, before the calibration run
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, meta = load_model(args.checkpoint)
     if model.fetalhc_refiner is None:
@@ -187,11 +188,10 @@ def _blend_stages(args) -> int:
     if len(samples) < MIN_SCALE_IMAGES:  # k is a median over them
         raise ValueError(f"{args.hc18} holds {len(samples)} of the images {args.checkpoint}'s second stage trained on "
                          f"(its refiner_data lists {len(exams)} exams); at least {MIN_SCALE_IMAGES} are needed")
-    model.fetalhc_refiner, blend = blend_stages(model, model.fetalhc_refiner, samples, weight)
-    half = any(v.dtype == torch.float16 for v in read_checkpoint(args.checkpoint)["state_dict"].values()
-               if v.is_floating_point())
+    model.fetalhc_refiner, blend = blend_stages(model, model.fetalhc_refiner, samples, args.weight)
     keep = portable_meta(meta, "refiner_config", "refiner_data")
-    out = save_checkpoint(args.out, model, half=half, **keep, refiner_data={**data, "stage_blend": blend})
+    out = save_checkpoint(args.out, model, half=stored_half(read_checkpoint(args.checkpoint)), **keep,
+                          refiner_data={**data, "stage_blend": blend})
     print(f"{_blend_line(blend)} -> {out}")
     return 0
 

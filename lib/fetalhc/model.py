@@ -253,6 +253,11 @@ def read_checkpoint(path: str | Path) -> dict:
     return blob
 
 
+def stored_half(blob: dict) -> bool:
+    """Whether a checkpoint stores its weights in float16 (a file made from it should too)."""
+    return any(v.dtype == torch.float16 for v in blob["state_dict"].values() if v.is_floating_point())
+
+
 def config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     for k in ("anchor_sizes",):

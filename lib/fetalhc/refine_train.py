@@ -347,7 +347,7 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
     from ``ckpt_in``'s refiner when it has one (and keeps its config). Validation (``val``) starts from the
     first stage's own ellipses. The stage blend is then calibrated on ``train`` (:func:`blend_stages`) with
     ``stage1_weight`` (default: a fine-tune's own, else STAGE1_WEIGHT)."""
-    from .model import attach_refiner, load_model, read_checkpoint, save_checkpoint
+    from .model import attach_refiner, load_model, read_checkpoint, save_checkpoint, stored_half
     blob = read_checkpoint(ckpt_in)
     model, _ = load_model(ckpt_in)
     init = model.fetalhc_refiner if fine_tune else None
@@ -371,6 +371,6 @@ def refine_checkpoint(ckpt_in: str | Path, ckpt_out: str | Path, train, val, wor
                             "init_data": lineage or None, "train_config": asdict(tc), "stage_blend": blend,
                             "history": result["history"],
                             "seconds": round(result["seconds"], 1)}
-    half = any(v.dtype == torch.float16 for v in blob["state_dict"].values() if v.is_floating_point())
+    half = stored_half(blob)
     save_checkpoint(ckpt_out, model, half=half, **meta)
     return {**result, "refiner": model.fetalhc_refiner, "stage_blend": blend, "path": str(ckpt_out)}

@@ -3,6 +3,8 @@ exams that the stage-blend decision never saw (none of the protocol model's 133 
 protocol test image). Its last epoch is kept (no epoch chosen on the validation images).
 
     .venv/bin/python models/protocol/stage_blend/train_fold_b.py ../shared/hc18 runs/foldb [--config NAME] [--resume]
+It reads the protocol model's validation exams: restore that git-ignored file first with
+`git show aa993f2:models/fetalhc_default.pt > models/protocol/fetalhc_protocol.pt`.
 Data: HC18 (van den Heuvel et al., PLoS ONE 2018; Zenodo 10.5281/zenodo.1322001; CC BY 4.0).
 """
 import random

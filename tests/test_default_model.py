@@ -114,3 +114,12 @@ def test_runner_up_leaves_a_passing_measurement_alone(measurer, samples_dir):
     img = load_image(rec.image, pixel_csv=samples_dir / hc18.TRAIN_CSV)
     with_rule, without = (measurer.measure(img.pixels, img.spacing, runner_up=u) for u in (True, False))
     assert with_rule.qc_ok and with_rule.hc_mm == without.hc_mm and "runner_up_of" not in with_rule.extra
+
+
+def test_training_defaults_are_the_shipped_first_stage(measurer, tmp_path):
+    """`fetalhc train` (through TrainConfig) and the MONAI Label trainer's from-scratch config (tested with the
+    app) default to the shipped model's first stage: a retraining without --config repeats its recipe."""
+    from fetalhc.model import DEFAULT_CONFIG
+    from fetalhc.train import TrainConfig
+
+    assert measurer.meta["config"]["name"] == DEFAULT_CONFIG == TrainConfig(out_dir=str(tmp_path)).model

@@ -14,7 +14,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from fetalhc import hc18
 from fetalhc.io import load_image
-from fetalhc.model import load_model
+from fetalhc.model import DEFAULT_CONFIG, load_model
 from monailabel_support import DEFAULT_MODEL, SAMPLES, app_client, make_studies, model_for_tests
 
 GOOD_MODEL = DEFAULT_MODEL.is_file()
@@ -57,6 +57,7 @@ def test_info_lists_the_task_its_options_and_strategies(env):
     assert {"hc_uncertainty", "random", "first"} <= set(info["strategies"])
     assert "hc_uncertainty" in info["scoring"]
     assert {"max_epochs", "from_scratch", "publish", "multi_gpu", "gpus"} <= set(info["trainers"]["fetal_head"]["config"])
+    assert info["trainers"]["fetal_head"]["config"]["model_config"] == DEFAULT_CONFIG  # from scratch: the shipped one
     assert env["published"].is_file()  # the initial model was copied into the app's model folder
 
 

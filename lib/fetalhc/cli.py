@@ -85,11 +85,12 @@ def _train(args) -> int:
     import torch
 
     from .data import hc18_samples, split_samples
-    from .model import CONFIGS
+    from .model import CONFIGS, DEFAULT_CONFIG
     from .train import TrainConfig, fit
 
-    if args.config not in CONFIGS:
-        print(f"error: unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}", file=sys.stderr)
+    config = args.config or DEFAULT_CONFIG
+    if config not in CONFIGS:
+        print(f"error: unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or torch.get_num_threads())
     samples = hc18_samples(args.hc18)
@@ -102,7 +103,7 @@ def _train(args) -> int:
         train, val = train[:args.limit], val[:max(1, args.limit // 4)]
     print(f"{len(train)} training / {len(val)} validation images "
           f"({len({s.group for s in val})} held-out exams)", file=sys.stderr)
-    cfg = TrainConfig(out_dir=args.out, model=args.config, epochs=args.epochs, batch_size=args.batch_size,
+    cfg = TrainConfig(out_dir=args.out, model=config, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, mask_loss_weight=args.mask_loss_weight, input_size=args.input_size,
                       init=args.init, resume=args.resume, pretrained_backbone=args.pretrained_backbone,
                       augment=not args.no_augment, device=args.device, workers=args.workers, seed=args.seed,
@@ -414,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train Mask R-CNN on labelled HC18 data (exam-grouped validation)")
     t.add_argument("--hc18", required=True, help="HC18 folder with training_set/ and its CSV")
     t.add_argument("--out", required=True, help="run folder: best.pt, last.pt, history.csv")
-    t.add_argument("--config", default="mobilenet_v3_fpn",
-                   help="mobilenet_v3_fpn | mobilenet_v3_fpn_480 | resnet50_fpn | resnet101_fpn")
+    t.add_argument("--config", help="first-stage configuration (default: the shipped model's, "
+                   "fetalhc.model.DEFAULT_CONFIG; an unknown name lists them)")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -75,7 +75,9 @@ CONFIGS: dict[str, ModelConfig] = {
         anchor_sizes=((24, 36), (48, 72), (96, 144), (192, 288)), aspect_ratios=(0.6, 1.0, 1.6),
         box_head_dim=512, mask_head_layers=(128, 128, 128, 128), mask_roi=14),
 }
-DEFAULT_CONFIG = "mobilenet_v3_fpn"
+# The shipped first stage since session 15: on fresh exams it misses a head grossly less often than the
+# MobileNet (models/protocol/stage1_r18slim/, r18slim_procedure/).
+DEFAULT_CONFIG = "resnet18_slim_fpn"
 
 
 def _norm(num_features: int) -> nn.Module:

@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Weig
 
 from .data import HeadDataset, Sample, collate, sample_hc_mm, seed_everything, small_head_weights
 from .engine import train_one_epoch, validate
-from .model import (CHECKPOINT_FORMAT, attach_refiner, build_model, config_from_dict, read_checkpoint,
-                    save_checkpoint, with_overrides)
+from .model import (CHECKPOINT_FORMAT, DEFAULT_CONFIG, attach_refiner, build_model, config_from_dict,
+                    read_checkpoint, save_checkpoint, with_overrides)
 from .transforms import Augment
 
 
 @dataclass
 class TrainConfig:
     out_dir: str
-    model: str = "mobilenet_v3_fpn"
+    model: str = DEFAULT_CONFIG
     epochs: int = 30
     batch_size: int = 4
     lr: float = 1e-3

@@ -23,7 +23,7 @@ from fetalhc.data import Sample, split_samples
 from fetalhc.engine import validate
 from fetalhc.hc18 import exam_of
 from fetalhc.io import Spacing
-from fetalhc.model import CONFIGS, CheckpointError, load_model
+from fetalhc.model import CONFIGS, DEFAULT_CONFIG, CheckpointError, load_model
 from fetalhc.refine_train import RefineTrainConfig, refine_checkpoint
 from fetalhc.train import TrainConfig, fit
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -135,7 +135,7 @@ class FetalHeadTrain(TrainTask):
             "max_epochs": 10, "train_batch_size": 4, "learning_rate": 3e-4,  # fine-tuning rate; 1e-3 from scratch
             "val_split": 0.2, "from_scratch": False, "augment": True,
             "publish": list(POLICIES),  # always: still only a completed, loadable checkpoint
-            "score_threshold": 0.5, "seed": 0, "model_config": "mobilenet_v3_fpn",
+            "score_threshold": 0.5, "seed": 0, "model_config": DEFAULT_CONFIG,
             "multi_gpu": True, "gpus": "all", "device": device_list(),
             # second stage (outline refiner) steps after the Mask R-CNN epochs; 0 keeps it unchanged.
             # ~2000 when it starts from scratch, a few hundred to fine-tune

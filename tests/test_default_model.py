@@ -25,9 +25,10 @@ def test_default_model_measures_shipped_samples(measurer, samples_dir):
             assert m.qc_reasons, r.name
             flagged[r.name] = m.qc_reasons
     # the shipped model (trained on all 798 images, these included) on these clean images: mean 1.4 mm,
-    # worst 2.5 mm (507_HC), one flag (011_HC); the protocol model: mean 1.6 mm, worst 3.3 mm (745_HC)
+    # worst 2.4 mm (507_HC), one flag (011_HC); the previous default 1.4 / 2.5 mm, the protocol model 1.6 /
+    # 3.3 mm (745_HC). Worst bound 5.5 mm until session 15.
     assert len(errors) == 8 and np.mean(np.abs(list(errors.values()))) <= 2.0, errors
-    assert all(abs(e) <= 5.5 for e in errors.values()), errors
+    assert all(abs(e) <= 4.0 for e in errors.values()), errors
     assert len(flagged) <= 1, flagged
 
 
